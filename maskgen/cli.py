@@ -1,0 +1,99 @@
+"""The `maskgen` command line. Each subcommand is a thin wrapper over a function of the `maskgen` package.
+
+User mistakes (bad config, missing files, unsafe checkpoints) end with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+TRAIN_EPILOG = """\
+examples:
+  maskgen train tokenizer --config tokenizer-tiny
+  maskgen train tokenizer --config tokenizer-cifar10 data.path=cifar10 train.max_steps=2000
+  maskgen train tokenizer --config my.yaml --run-dir runs/tok --resume auto
+  torchrun --nproc_per_node=2 $(which maskgen) train tokenizer --config tokenizer-tiny
+
+key=value overrides address section.key (sections: model, loss, data, optim, schedule, train, dist, log);
+`maskgen config show PRESET` lists every key with its value. data.path accepts an image folder (class
+sub-folders give labels), WebDataset shards ('shards/train-{000000..000009}.tar'), 'cifar10' or 'mnist5k'.
+"""
+
+
+def _methods() -> list[str]:
+    from .methods import method_names
+
+    return method_names()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="maskgen",
+        description="Masked generative encoders: pre-train, generate, edit, evaluate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `maskgen COMMAND --help` for the options of a command.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a method (pre-training or tokenizer)", description=(
+        "Train METHOD from a preset or YAML config plus key=value overrides. The run directory receives "
+        "config.yaml, metrics.jsonl, tensorboard/, checkpoints/ and samples/."),
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("method", choices=_methods(), help="what to train")
+    t.add_argument("--config", "-c", help="preset name (see `maskgen config list`) or path to a YAML file")
+    t.add_argument("--run-dir", help="output directory (default: runs/METHOD-DATE-TIME)")
+    t.add_argument("--resume", metavar="auto|DIR",
+                   help="'auto': continue from the latest checkpoint of --run-dir (start fresh if none); "
+                        "or a checkpoint / run directory")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
+
+    c = sub.add_parser("config", help="list or show configuration presets")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    csub.add_parser("list", help="list the shipped presets")
+    show = csub.add_parser("show", help="print a preset, resolved with its defaults, as YAML")
+    show.add_argument("preset", help="preset name or YAML path")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import api
+
+    if args.command == "train":
+        api.train(args.method, args.config, args.overrides, run_dir=args.run_dir, resume=args.resume)
+    elif args.command == "config":
+        if args.config_command == "list":
+            from .config import read_preset
+
+            for name in api.list_presets():
+                print(f"{name:24s} {read_preset(name).get('method', '?')}")
+        else:
+            print(api.show_config(args.preset, args.overrides), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # overrides may come before or after options: `train tokenizer key=v --config X key2=v2`
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if "=" not in e or e.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"maskgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maskgen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

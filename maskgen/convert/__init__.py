@@ -1,0 +1,1 @@
+"""Converters from official checkpoints to maskgen weights directories (safetensors + config.json)."""

@@ -1,0 +1,103 @@
+"""Deterministic, resumable, rank-aware batches.
+
+Epoch e uses the permutation `randperm(n, seed=(seed, e))`. Global batch b is `perm[b*G:(b+1)*G]`
+(G = batch_size x world_size, the last incomplete batch dropped) and rank r takes its r-th slice
+of batch_size: every rank reads a disjoint part, and the union equals the single-process batch
+of size G. Augmentation randomness is keyed by (seed, epoch, index), so it does not depend on the
+number of workers, and the loader can resume at the exact batch it stopped at.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import UserError
+from .decode import BadImage, decode_image
+
+log = logging.getLogger("maskgen")
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64-style), stable across processes and Python versions."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x >> 1
+
+
+class AugmentedImages(Dataset):
+    """`dataset[(epoch, index)]` → {"image": [3,S,S] in [0,1], "label": int} or {"bad": name, "reason": str}."""
+
+    def __init__(self, source, transform, seed: int):
+        self.source, self.transform, self.seed = source, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        sample = self.source[index]
+        try:
+            img = sample.data if not isinstance(sample.data, bytes) else decode_image(sample.data)
+        except BadImage as e:
+            return {"bad": sample.name, "reason": str(e)}
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        return {"image": self.transform(img, g), "label": sample.label, "index": index}
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack good samples; bad ones are dropped and reported under "skipped" as (name, reason)."""
+    good = [it for it in items if "bad" not in it]
+    batch = {"skipped": [(it["bad"], it["reason"]) for it in items if "bad" in it]}
+    if good:
+        batch["image"] = torch.stack([it["image"] for it in good])
+        batch["label"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
+        batch["index"] = torch.tensor([it["index"] for it in good], dtype=torch.long)
+    return batch
+
+
+class ResumableLoader:
+    """Infinite iterator over batches; `state_dict()` is the position of the next batch."""
+
+    def __init__(self, dataset: AugmentedImages, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, limit: int = 0):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.num_samples = min(len(dataset), limit) if limit else len(dataset)
+        global_batch = batch_size * world_size
+        self.batches_per_epoch = self.num_samples // global_batch
+        if self.batches_per_epoch == 0:
+            raise UserError(f"the data has {self.num_samples} images, fewer than one global batch of {global_batch} "
+                            f"(train.batch_size={batch_size} x {world_size} processes): lower train.batch_size")
+        self.epoch, self.batch = 0, 0
+        self.skipped = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch, self.skipped = int(state["epoch"]), int(state["batch"]), int(state.get("skipped", 0))
+
+    def epoch_keys(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """This rank's batches of (epoch, index) keys for `epoch`."""
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5EED))
+        perm = torch.randperm(self.num_samples, generator=g).tolist()
+        gb, b = self.batch_size * self.world_size, self.batch_size
+        return [[(epoch, i) for i in perm[k * gb + self.rank * b: k * gb + (self.rank + 1) * b]]
+                for k in range(self.batches_per_epoch)]
+
+    def __iter__(self):
+        while True:
+            keys = self.epoch_keys(self.epoch)[self.batch:]
+            loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, collate_fn=collate,
+                                persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+            for batch in loader:
+                self.batch += 1
+                for name, reason in batch["skipped"]:
+                    self.skipped += 1
+                    log.warning("skipped unreadable image %s (%s) [%d skipped so far]", name, reason, self.skipped)
+                yield batch
+            self.epoch, self.batch = self.epoch + 1, 0

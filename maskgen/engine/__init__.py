@@ -1,0 +1,1 @@
+"""The method-agnostic training engine: optimisation, checkpoints, distribution, logging."""

@@ -1,0 +1,97 @@
+"""Training checkpoints: one directory per saved step, written atomically.
+
+    checkpoints/step_00001000/
+        model.safetensors, config.json   the release model (what `from_pretrained` returns)
+        ema.safetensors                  its EMA weights, when train.ema_decay > 0
+        training_state.pt                optimizer, grad scaler, method-only tensors: tensors + plain types
+        trainer.json                     step, data position, seed, world size
+        train_config.yaml                the resolved training config
+
+A checkpoint is written into `step_N.tmp` and renamed to `step_N` once complete (rename is atomic), so a
+crash or SIGKILL mid-write leaves the previous checkpoints intact; stale `.tmp` folders are ignored and
+removed by the next save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..weights import CONFIG_FILE, EMA_FILE, WEIGHTS_FILE, safe_torch_load, save_pretrained
+
+STATE_FILE = "training_state.pt"
+TRAINER_FILE = "trainer.json"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_REQUIRED = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE, TRAINER_FILE)
+
+
+def step_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoint directories under `root`, sorted by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and all((d / f).is_file() for f in _REQUIRED):
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    dirs = step_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, release_model: torch.nn.Module, *,
+                    training_state: dict, trainer_state: dict, config_yaml: str,
+                    ema_state: dict | None = None, keep_last: int = 3) -> Path:
+    """Write checkpoint `step` under `root` atomically and prune all but the newest `keep_last`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_pretrained(release_model, tmp, ema_state=ema_state)
+    torch.save(training_state, tmp / STATE_FILE)
+    (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+    (tmp / TRAIN_CONFIG_FILE).write_text(config_yaml)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. a resumed run that stops where it resumed)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in step_dirs(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict, dict | None]:
+    """(release-model state, training state, trainer state, EMA state or None) of a checkpoint directory."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    model_state = load_file(str(directory / WEIGHTS_FILE))
+    training_state = safe_torch_load(directory / STATE_FILE)
+    trainer_state = json.loads((directory / TRAINER_FILE).read_text())
+    ema_path = directory / EMA_FILE
+    ema_state = load_file(str(ema_path)) if ema_path.is_file() else None
+    return model_state, training_state, trainer_state, ema_state

@@ -1,0 +1,2 @@
+"""Importing this module registers every model class."""
+from . import vqgan  # noqa: F401
