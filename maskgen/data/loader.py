@@ -49,13 +49,13 @@ class AugmentedImages(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack good samples; bad ones are dropped and reported under "skipped" as (name, reason)."""
+    """Stack the fields of good samples ("image" or "tokens", "label", ...); bad ones are dropped and
+    reported under "skipped" as (name, reason). A batch whose samples were all bad has only "skipped"."""
     good = [it for it in items if "bad" not in it]
     batch = {"skipped": [(it["bad"], it["reason"]) for it in items if "bad" in it]}
-    if good:
-        batch["image"] = torch.stack([it["image"] for it in good])
-        batch["label"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
-        batch["index"] = torch.tensor([it["index"] for it in good], dtype=torch.long)
+    for key in (good[0] if good else {}):
+        values = [it[key] for it in good]
+        batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values)
     return batch
 
 

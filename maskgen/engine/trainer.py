@@ -253,8 +253,8 @@ class Trainer:
     def _next_batch(self, batches) -> dict:
         for _ in range(1000):
             batch = next(batches)
-            if "image" in batch:
-                if self.preview is None:
+            if "label" in batch:  # at least one readable sample
+                if self.preview is None and "image" in batch:
                     self.preview = batch["image"][:PREVIEW_IMAGES].clone()
                 return batch
         raise UserError("1000 consecutive batches held no readable image: check data.path")
@@ -269,8 +269,9 @@ class Trainer:
         images = 0
         for micro in range(tc.accum_steps):
             batch = self._next_batch(batches)
-            images += len(batch["image"])
+            images += len(batch["label"])
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            batch["step"] = self.step
             seed = mix_seed(tc.seed, self.rank, self.step, micro)
             torch.manual_seed(seed)  # dropout / masking: a function of (seed, rank, step), hence exact resume
             sync = micro == tc.accum_steps - 1 or self.world == 1
@@ -311,7 +312,7 @@ class Trainer:
 
     def _run_hooks(self) -> None:
         hooks = self.method.hooks()
-        if self.main and hooks and self.preview is not None:
+        if self.main and hooks:
             self.method.eval()
             ctx = HookContext(step=self.step, run_dir=self.run_dir, device=self.device, images=self.preview,
                               log=lambda m: self.logger.log(self.step, m),

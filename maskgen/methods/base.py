@@ -15,7 +15,7 @@ class HookContext:
     step: int
     run_dir: Path
     device: torch.device
-    images: torch.Tensor  # [N,3,S,S] in [0,1]: a fixed batch of training images, for reconstructions
+    images: torch.Tensor | None  # [N,3,S,S] in [0,1]: fixed training images (None when training from tokens)
     log: Callable[[dict], None]  # log({"name": float}) into metrics.jsonl / TensorBoard at this step
     log_image: Callable[[str, torch.Tensor], None]  # (tag, [3,H,W] in [0,1])
 
@@ -23,7 +23,8 @@ class HookContext:
 class Method(nn.Module):
     """A trainable method. Subclasses implement `forward_loss` and `release_model`.
 
-    - `forward_loss(batch) -> (loss, logs)`: `batch` holds "image" [B,3,S,S] in [0,1] and "label" [B];
+    - `forward_loss(batch) -> (loss, logs)`: `batch` holds "image" [B,3,S,S] in [0,1] (or "tokens" [B,h,w]
+      from a token cache), "label" [B] (-1 when unlabeled) and "step" (int, the optimizer step being taken);
       `logs` maps names to floats / 0-d tensors, averaged and written by the engine.
     - `release_model()`: the sub-module saved as `model.safetensors` (what `from_pretrained` returns);
       anything else trainable (a discriminator, a projection head) goes into the training state.

@@ -54,6 +54,8 @@ class TokenizerMethod(Method):
 @torch.no_grad()
 def reconstruction_grid(method: TokenizerMethod, ctx: HookContext) -> None:
     """samples/recon_step_N.png: originals (top rows) above their reconstructions; logs PSNR and usage."""
+    if ctx.images is None:
+        return
     x = ctx.images.to(ctx.device)
     codes = method.vqgan.encode(x)
     y = method.vqgan.decode(codes)
