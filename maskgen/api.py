@@ -26,4 +26,12 @@ def show_config(preset: str, overrides: list[str] = ()) -> str:
     return config_to_yaml(build_config(method, preset, overrides))
 
 
-__all__ = ["train", "show_config", "list_presets"]
+def convert(kind: str, src: str | Path, out: str | Path) -> Path:
+    """`maskgen convert KIND --src FILE --out DIR`: import an official checkpoint; returns DIR."""
+    from .convert.vqgan import convert_vqgan
+
+    converters = {"vqgan": convert_vqgan}
+    return converters[kind](src, out)
+
+
+__all__ = ["train", "show_config", "list_presets", "convert"]

@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print a preset, resolved with its defaults, as YAML")
     show.add_argument("preset", help="preset name or YAML path")
     show.add_argument("overrides", nargs="*", metavar="key=value")
+
+    cv = sub.add_parser("convert", help="import an official checkpoint as a maskgen weights folder")
+    cvsub = cv.add_subparsers(dest="convert_command", metavar="KIND", required=True)
+    vq = cvsub.add_parser("vqgan", help="the official MAGE VQGAN tokenizer (vqgan_jax_strongaug.ckpt)",
+                          description="Convert the MAGE tokenizer file (or the vqgan.* part of a MAGE checkpoint) "
+                                      "into DIR (model.safetensors + config.json); maskgen.from_pretrained(DIR) "
+                                      "then returns the tokenizer. The file is read without unpickling code.")
+    vq.add_argument("--src", required=True, help="official .ckpt / .pth file")
+    vq.add_argument("--out", required=True, help="output weights folder")
     return p
 
 
@@ -70,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name:24s} {read_preset(name).get('method', '?')}")
         else:
             print(api.show_config(args.preset, args.overrides), end="")
+    elif args.command == "convert":
+        out = api.convert(args.convert_command, args.src, args.out)
+        print(f"wrote {out}")
     return 0
 
 

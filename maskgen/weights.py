@@ -30,11 +30,11 @@ def safe_torch_load(path: str | os.PathLike) -> object:
         raise UserError(f"no such file: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         raise UserError(
             f"refusing to load {path}: it holds pickled Python objects beyond tensors and plain types, "
             f"which could run arbitrary code. Only load it if you trust its source, e.g. re-save its "
-            f"state_dict with torch.save. ({str(e).splitlines()[0]})"
+            f"state_dict with torch.save."
         ) from None
     except Exception as e:  # torch raises RuntimeError, EOFError, struct.error... for corrupt files
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__

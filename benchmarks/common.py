@@ -1,0 +1,60 @@
+"""Shared benchmark helpers: timing, machine description, table printing, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only, {os.cpu_count()} cores"
+    return f"{cpu}; {dev}; torch {torch.__version__}; {torch.get_num_threads()} threads"
+
+
+def timeit(fn, min_time: float = 3.0, warmup: int = 2) -> float:
+    """Seconds per call of fn(), the median of repeated runs lasting at least `min_time` in total."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times) < 3:
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def report(name: str, rows: list[dict], command: str) -> None:
+    """Print rows as a table and write them with the machine and command to results/NAME.json."""
+    cols = list(rows[0])
+    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps({"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                               "rows": rows}, indent=2) + "\n")
+    print(f"\nmachine: {machine()}\nwrote {out}")
+
+
+def _fmt(v) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
