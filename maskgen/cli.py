@@ -55,6 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("preset", help="preset name or YAML path")
     show.add_argument("overrides", nargs="*", metavar="key=value")
 
+    ct = sub.add_parser("cache-tokens", help="pre-tokenize a dataset (K augmented views + flips) for MAGE",
+                        description="Encode every image of --data with a tokenizer into one memory-mappable "
+                                    "file: K views (view 0 = centre crop, the others RandomResizedCrop) and their "
+                                    "horizontal flips, with labels. MAGE training reads it with "
+                                    "data.token_cache=FILE instead of running the tokenizer every step. The file "
+                                    "records hashes of the tokenizer and the transform; a mismatch is refused.")
+    ct.add_argument("--tokenizer", required=True, help="tokenizer weights / checkpoint / run directory")
+    ct.add_argument("--data", required=True, help="image folder, shards, 'cifar10' or 'mnist5k'")
+    ct.add_argument("--out", required=True, help="output file (.safetensors)")
+    ct.add_argument("--views", type=int, default=10, help="augmented views per image (default 10)")
+    ct.add_argument("--image-size", type=int, required=True, help="image side the tokenizer sees, e.g. 32")
+    ct.add_argument("--split", default="train", help="split of a named dataset (default train)")
+    ct.add_argument("--crop-scale", type=float, nargs=2, default=(0.2, 1.0), metavar=("MIN", "MAX"),
+                    help="RandomResizedCrop area range of views 1..K-1 (default 0.2 1.0)")
+    ct.add_argument("--batch-size", type=int, default=64, help="views encoded per batch")
+    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--device", default="cpu", help="cpu or cuda")
+
     cv = sub.add_parser("convert", help="import an official checkpoint as a maskgen weights folder")
     cvsub = cv.add_subparsers(dest="convert_command", metavar="KIND", required=True)
     vq = cvsub.add_parser("vqgan", help="the official MAGE VQGAN tokenizer (vqgan_jax_strongaug.ckpt)",
@@ -79,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name:24s} {read_preset(name).get('method', '?')}")
         else:
             print(api.show_config(args.preset, args.overrides), end="")
+    elif args.command == "cache-tokens":
+        from .data.token_cache import cache_tokens
+
+        out = cache_tokens(args.tokenizer, args.data, args.out, image_size=args.image_size, views=args.views,
+                           split=args.split, crop_scale=tuple(args.crop_scale), batch_size=args.batch_size,
+                           seed=args.seed, device=args.device, progress=sys.stderr.isatty())
+        print(f"wrote {out}")
     elif args.command == "convert":
         out = api.convert(args.convert_command, args.src, args.out)
         print(f"wrote {out}")

@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-_INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
            "nearest": InterpolationMode.NEAREST}
 
 
@@ -25,7 +25,7 @@ class PretrainTransform:
     def __init__(self, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic",
                  hflip: bool = True):
         self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
-        self.interpolation = _INTERP[interpolation]
+        self.interpolation = INTERPOLATIONS[interpolation]
 
     def crop_box(self, width: int, height: int, g: torch.Generator) -> tuple[int, int, int, int]:
         """(top, left, h, w) as torchvision's RandomResizedCrop.get_params, drawn from `g`."""
@@ -63,7 +63,7 @@ class EvalTransform:
 
     def __init__(self, size: int, crop_fraction: float = 1.0, interpolation="bicubic"):
         self.size, self.resize = size, int(round(size / crop_fraction))
-        self.interpolation = _INTERP[interpolation]
+        self.interpolation = INTERPOLATIONS[interpolation]
 
     def __call__(self, img: Image.Image, g: torch.Generator | None = None) -> torch.Tensor:
         img = TF.resize(img, self.resize, self.interpolation)
