@@ -28,9 +28,10 @@ def show_config(preset: str, overrides: list[str] = ()) -> str:
 
 def convert(kind: str, src: str | Path, out: str | Path) -> Path:
     """`maskgen convert KIND --src FILE --out DIR`: import an official checkpoint; returns DIR."""
+    from .convert.mage import convert_mage
     from .convert.vqgan import convert_vqgan
 
-    converters = {"vqgan": convert_vqgan}
+    converters = {"vqgan": convert_vqgan, "mage": convert_mage}
     return converters[kind](src, out)
 
 

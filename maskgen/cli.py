@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "then returns the tokenizer. The file is read without unpickling code.")
     vq.add_argument("--src", required=True, help="official .ckpt / .pth file")
     vq.add_argument("--out", required=True, help="output weights folder")
+    mg = cvsub.add_parser("mage", help="an official MAGE pre-training checkpoint (checkpoint['model'], ViT-B/L/H)",
+                          description="Convert an official MAGE checkpoint (with its vqgan.* tokenizer) into DIR; "
+                                      "the 9 tensors the official model never uses are dropped. "
+                                      "maskgen.from_pretrained(DIR) returns MAGE with its tokenizer attached.")
+    mg.add_argument("--src", required=True, help="official .pth file")
+    mg.add_argument("--out", required=True, help="output weights folder")
     return p
 
 

@@ -49,7 +49,7 @@ class OptimConfig:
     blr: float = option(1.5e-4, "base learning rate: lr = blr * effective_batch / 256", min=0.0)
     lr: float | None = option(None, "absolute learning rate (overrides the blr rule)", min=0.0)
     betas: list[float] = option([0.9, 0.95], "AdamW betas")
-    weight_decay: float = option(0.05, "AdamW weight decay (not applied to biases, norms, embeddings)", min=0.0)
+    weight_decay: float = option(0.05, "AdamW weight decay (not applied to 1-D params, biases, or what the model lists in no_weight_decay())", min=0.0)
     eps: float = option(1e-8, "AdamW epsilon", min=0.0)
     clip_grad: float = option(3.0, "clip the global gradient norm to this value (0: off)", min=0.0)
 

@@ -59,6 +59,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, ema_state: d
     if extra_config:
         cfg.update(extra_config)
     (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    if hasattr(model, "save_attachments"):  # e.g. MAGE's frozen tokenizer, in a sub-folder
+        model.save_attachments(directory)
     return directory
 
 
@@ -100,4 +102,6 @@ def from_pretrained(path: str | os.PathLike, ema: bool = False, device: str | to
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{weights} does not match model '{name}': missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if hasattr(model, "load_attachments"):
+        model.load_attachments(directory)
     return model.to(device).eval()

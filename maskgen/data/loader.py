@@ -9,6 +9,7 @@ number of workers, and the loader can resume at the exact batch it stopped at.
 from __future__ import annotations
 
 import logging
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -46,6 +47,12 @@ class AugmentedImages(Dataset):
             return {"bad": sample.name, "reason": str(e)}
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
         return {"image": self.transform(img, g), "label": sample.label, "index": index}
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the main process, which finishes its step and saves before exiting."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate(items: list[dict]) -> dict:
@@ -93,7 +100,7 @@ class ResumableLoader:
         while True:
             keys = self.epoch_keys(self.epoch)[self.batch:]
             loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, collate_fn=collate,
-                                persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                                worker_init_fn=_ignore_stop_signals, persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
             for batch in loader:
                 self.batch += 1
                 for name, reason in batch["skipped"]:

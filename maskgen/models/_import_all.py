@@ -1,2 +1,2 @@
 """Importing this module registers every model class."""
-from . import vqgan  # noqa: F401
+from . import mage, vqgan  # noqa: F401

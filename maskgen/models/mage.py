@@ -1,0 +1,453 @@
+"""MAGE: the masked generative encoder (Li et al., CVPR 2023), on VQGAN tokens.
+
+Tokens [B, L] (codes of a frozen VQGAN tokenizer, L = token_grid ** 2, row-major) -> prepend [C0] ->
+replace masked tokens by [MASK] -> word + learned position embedding, LayerNorm(1e-6), dropout -> drop
+the dropped tokens -> ViT encoder -> norm -> latent [B, 1+L-dropped, D] -> decoder_embed -> every position
+padded with the [C] feature (decoder embedding of output 0), kept outputs scattered back, all masked
+positions overwritten with [C] -> + learned decoder position embedding -> decoder blocks -> decoder_norm ->
+MlmLayer (fc, exact GELU, LayerNorm(1e-5), logits against the detached word-embedding table + bias)
+-> logits [B, 1+L, vocab]. The loss is label-smoothed cross-entropy over all masked tokens (dropped ones
+included) on the codebook logits. Reference: shared/reference/mage.md §2.
+
+Parameter names equal the official `models_mage.py` wherever a parameter exists in both, so the official
+checkpoint converts with the identity key map (`maskgen.convert.mage`); the official model's dead tensors
+(cls_token, pos_embed, patch_embed, mask_token, decoder_pos_embed, decoder_pred, token_emb.position_ids)
+do not exist here.
+
+The tokenizer travels with the model but is not part of it: `model.tokenizer` holds an optional frozen
+VQGAN that is NOT a registered sub-module (absent from state_dict / parameters / the optimizer); it follows
+`.to()` / `.cuda()` / `.float()` and is saved in the `tokenizer/` sub-folder of a weights directory by
+`save_mage` (or `save_attachments`) and re-attached by `load_mage` (or `load_attachments`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import option
+from ..errors import ConfigError, UserError
+from ..masking import TruncatedNormalRatio, token_masks
+from .registry import register_model
+from .vit import Block, init_vit_weights
+
+TOKENIZER_DIR = "tokenizer"
+
+# The official class-conditional vocabulary (MaskGIT's): codebook, 1000 legacy class rows, then [MASK].
+_LEGACY_CLASS_ROWS = 1000
+_LEGACY_FAKE_CLASS_OFFSET = 1100 - 1024  # [C0] id = codebook_size + 1100 - 1024 (= 1100 for 1024 codes)
+
+
+@dataclass
+class MAGEConfig:
+    """Defaults are the official ViT-B MAGE (`mage_vit_base_patch16`) on the 256-px, 16x16-token tokenizer."""
+
+    image_size: int = option(256, "side of the square images the tokenizer reads (image_size = token_grid x its "
+                                  "downsampling factor)", min=1)
+    token_grid: int = option(16, "side of the square token grid; L = token_grid ** 2 tokens (official: 16)", min=1)
+    codebook_size: int = option(1024, "tokenizer codebook entries K (image token ids 0..K-1)", min=2)
+    vocab_layout: str = option("official", "official: K + 1000 legacy class rows + [MASK], [C0] id K + 76 (1100 "
+                                           "for K = 1024, needed to load released weights); compact: K + [C0] + "
+                                           "[MASK]", choices=("official", "compact"))
+    embed_dim: int = option(768, "encoder width", min=1)
+    depth: int = option(12, "encoder blocks", min=1)
+    num_heads: int = option(12, "encoder attention heads", min=1)
+    decoder_embed_dim: int = option(768, "decoder width (official: equal to the encoder width)", min=1)
+    decoder_depth: int = option(8, "decoder blocks", min=1)
+    decoder_num_heads: int = option(16, "decoder attention heads (official ViT-B: 16, head dim 48)", min=1)
+    mlp_ratio: float = option(4.0, "MLP hidden width / block width", min=0.0)
+    dropout: float = option(0.1, "dropout of the embeddings, attention weights, projections and MLPs "
+                                 "(official: 0.1 everywhere)", min=0.0, max=1.0)
+    mask_ratio_mu: float = option(0.55, "masking-ratio truncated normal: centre before truncation")
+    mask_ratio_std: float = option(0.25, "masking-ratio truncated normal: std before truncation", min=0.0)
+    mask_ratio_min: float = option(0.5, "lowest masking ratio; ceil(L x this) tokens are always dropped from "
+                                        "the encoder", min=0.0, max=1.0)
+    mask_ratio_max: float = option(1.0, "highest masking ratio", min=0.0, max=1.0)
+    label_smoothing: float = option(0.1, "label smoothing of the token cross-entropy", min=0.0, max=1.0)
+    ratio_per_sample: bool = option(False, "draw one masking ratio per sample (False: one per batch, official)")
+
+    def __post_init__(self):
+        for name in ("image_size", "token_grid", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                     "decoder_depth", "decoder_num_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.codebook_size < 2:
+            raise ConfigError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.vocab_layout not in ("official", "compact"):
+            raise ConfigError(f"vocab_layout must be 'official' or 'compact', got {self.vocab_layout!r}")
+        for width, heads, what in ((self.embed_dim, self.num_heads, ""), (self.decoder_embed_dim,
+                                                                          self.decoder_num_heads, "decoder_")):
+            if width % heads:
+                raise ConfigError(f"{what}embed_dim {width} is not divisible by {what}num_heads {heads}")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.mask_ratio_min <= self.mask_ratio_max <= 1:
+            raise ConfigError(f"need 0 <= mask_ratio_min <= mask_ratio_max <= 1, got "
+                              f"{self.mask_ratio_min}, {self.mask_ratio_max}")
+        if self.mask_ratio_std < 0:
+            raise ConfigError(f"mask_ratio_std must be >= 0, got {self.mask_ratio_std}")
+        if self.image_size % self.token_grid:
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of token_grid {self.token_grid}")
+
+    # ---- derived quantities
+    @property
+    def num_tokens(self) -> int:
+        """L, the image tokens per sample."""
+        return self.token_grid ** 2
+
+    @property
+    def num_dropped(self) -> int:
+        """Tokens dropped from the encoder in training: ceil(L x mask_ratio_min) (128 of 256 officially)."""
+        return int(math.ceil(self.num_tokens * self.mask_ratio_min))
+
+    @property
+    def vocab_size(self) -> int:
+        if self.vocab_layout == "official":
+            return self.codebook_size + _LEGACY_CLASS_ROWS + 1
+        return self.codebook_size + 2
+
+    @property
+    def cls_id(self) -> int:
+        """The fake class token [C0] prepended to every sequence (official: 1100)."""
+        if self.vocab_layout == "official":
+            return self.codebook_size + _LEGACY_FAKE_CLASS_OFFSET
+        return self.codebook_size
+
+    @property
+    def mask_id(self) -> int:
+        """The [MASK] token: the last vocabulary row (official: 2024)."""
+        return self.vocab_size - 1
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image side / token-grid side (the tokenizer's)."""
+        return self.image_size // self.token_grid
+
+
+class TokenEmbedding(nn.Module):
+    """The official `BertEmbeddings` without its unused `position_ids` buffer:
+    ids [B, N] -> dropout(LayerNorm_1e-6(word_embeddings(ids) + position_embeddings[:N])) [B, N, D]."""
+
+    def __init__(self, vocab_size: int, dim: int, max_positions: int, dropout: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, dim)
+        self.position_embeddings = nn.Embedding(max_positions, dim)
+        self.LayerNorm = nn.LayerNorm(dim, eps=1e-6)  # official name (from BERT/TensorFlow)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(ids) + self.position_embeddings.weight[: ids.shape[1]]
+        return self.dropout(self.LayerNorm(x))
+
+
+class MlmLayer(nn.Module):
+    """Output head: x [B, N, Ddec] -> logits [B, N, vocab] = LN_1e-5(gelu(fc(x))) @ word_embeddings^T + bias.
+
+    The word-embedding table is passed in detached (as officially): no gradient reaches it from the output
+    side. `ln` keeps PyTorch's default eps 1e-5, unlike every other LayerNorm (1e-6), as in the official code."""
+
+    def __init__(self, in_dim: int, embed_dim: int, vocab_size: int):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, embed_dim)
+        self.ln = nn.LayerNorm(embed_dim, eps=1e-5)
+        self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        h = self.ln(F.gelu(self.fc(x)))
+        return h @ word_embeddings.t() + self.bias
+
+
+@register_model("mage", MAGEConfig)
+class MAGE(nn.Module):
+    """MAGE encoder-decoder over VQGAN tokens; see the module docstring for the data flow.
+
+    Token inputs are LongTensors [B, L] or [B, h, w] (h = w = token_grid) of codes in [0, codebook_size);
+    image inputs are floats [B, 3, H, W] in [0, 1], tokenized by the attached `tokenizer`.
+    Masks are bool [B, L] (True = masked / dropped) over the image tokens only; [C0] is never masked.
+    """
+
+    def __init__(self, config: MAGEConfig):
+        super().__init__()
+        self.config = c = config
+        self.__dict__["_tokenizer"] = None  # not a sub-module: see `tokenizer`
+        self.token_emb = TokenEmbedding(c.vocab_size, c.embed_dim, c.num_tokens + 1, c.dropout)
+        self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, drop=c.dropout, attn_drop=c.dropout)
+                                    for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, c.num_tokens + 1, c.decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList(
+            Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, drop=c.dropout, attn_drop=c.dropout)
+            for _ in range(c.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=1e-6)
+        self.mlm_layer = MlmLayer(c.decoder_embed_dim, c.embed_dim, c.vocab_size)
+        self.ratio_sampler = TruncatedNormalRatio(c.mask_ratio_mu, c.mask_ratio_std, c.mask_ratio_min,
+                                                  c.mask_ratio_max)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Official init: embeddings and decoder_pos_embed_learned normal(0.02); Linear xavier_uniform with zero
+        bias; LayerNorm 1/0; mlm_layer.bias zeros."""
+        nn.init.normal_(self.token_emb.word_embeddings.weight, std=0.02)
+        nn.init.normal_(self.token_emb.position_embeddings.weight, std=0.02)
+        nn.init.normal_(self.decoder_pos_embed_learned, std=0.02)
+        nn.init.zeros_(self.mlm_layer.bias)
+        init_vit_weights(self)
+
+    # ------------------------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self) -> nn.Module | None:
+        """The frozen VQGAN (or None). Not a registered sub-module: it is in neither `state_dict()` nor
+        `parameters()`, is never trained, and is kept in eval mode; `.to()` and friends move it too."""
+        return self.__dict__["_tokenizer"]
+
+    @tokenizer.setter
+    def tokenizer(self, tok: nn.Module | None) -> None:
+        self.set_tokenizer(tok)
+
+    def set_tokenizer(self, tok: nn.Module | None) -> "MAGE":
+        """Attach (or detach with None) a tokenizer with `encode(images) -> codes [B, h, w]` and
+        `decode(codes) -> images`; its codebook size and grid must fit the config. Returns self."""
+        if tok is not None:
+            tcfg = getattr(tok, "config", None)
+            k = getattr(tcfg, "codebook_size", None)
+            if k is not None and k != self.config.codebook_size:
+                raise UserError(f"tokenizer has {k} codes but the MAGE model expects {self.config.codebook_size}")
+            f = getattr(tcfg, "downsample_factor", None)
+            if f is not None and f * self.config.token_grid != self.config.image_size:
+                raise UserError(f"tokenizer downsamples by {f}: image_size {self.config.image_size} would give a "
+                                f"{self.config.image_size // f}-token grid, the model expects {self.config.token_grid}")
+            tok.requires_grad_(False).eval()
+            ref = next(iter(self.parameters()), None)
+            if ref is not None and ref.device.type != "meta":
+                tok.to(ref.device)
+        self.__dict__["_tokenizer"] = tok
+        return self
+
+    def __setattr__(self, name, value):
+        if name == "tokenizer":  # nn.Module.__setattr__ would register a Module value as a sub-module
+            self.set_tokenizer(value)
+        else:
+            super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer._apply(fn, *args, **kwargs)
+        return self
+
+    def save_attachments(self, directory: str | os.PathLike) -> None:
+        """Write the tokenizer (if any) as a weights directory `directory/tokenizer/`, replacing an old one."""
+        from ..weights import save_pretrained
+
+        sub = Path(directory) / TOKENIZER_DIR
+        if sub.exists():
+            shutil.rmtree(sub)
+        if self.tokenizer is not None:
+            save_pretrained(self.tokenizer, sub)
+
+    def load_attachments(self, directory: str | os.PathLike) -> None:
+        """Attach the tokenizer saved in `directory/tokenizer/`, if there is one."""
+        from ..weights import from_pretrained
+
+        sub = Path(directory) / TOKENIZER_DIR
+        if (sub / "config.json").is_file():
+            self.set_tokenizer(from_pretrained(sub))
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [0, 1] -> codes [B, h, w] (long) with the attached tokenizer."""
+        if self.tokenizer is None:
+            raise UserError("this MAGE model has no tokenizer attached: pass tokens, or attach one with "
+                            "model.set_tokenizer(vqgan) (models loaded with load_mage get theirs)")
+        return self.tokenizer.encode(images)
+
+    @torch.no_grad()
+    def decode_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, h, w] (or [B, L]) -> images [B, 3, H, W] in [0, 1] with the attached tokenizer."""
+        if self.tokenizer is None:
+            raise UserError("this MAGE model has no tokenizer attached, so it cannot decode tokens to images")
+        if codes.dim() == 2:
+            codes = codes.view(codes.shape[0], self.config.token_grid, self.config.token_grid)
+        return self.tokenizer.decode(codes)
+
+    def as_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] (floats, tokenized) or tokens [B, h, w] / [B, L] (long) -> tokens [B, L] long."""
+        if x.is_floating_point():
+            if x.dim() != 4:
+                raise ValueError(f"expected images [B, 3, H, W] or integer tokens, got a float {list(x.shape)}")
+            x = self.encode_images(x)
+        x = x.reshape(x.shape[0], -1).long()
+        if x.shape[1] != self.config.num_tokens:
+            raise ValueError(f"expected {self.config.num_tokens} tokens per sample (a {self.config.token_grid}^2 "
+                             f"grid), got {x.shape[1]}")
+        return x
+
+    # -------------------------------------------------------------------------------- the network
+    def _with_cls(self, mask: torch.Tensor | None, b: int, device) -> torch.Tensor:
+        """mask [B, L] bool or None -> [B, 1+L] bool with a leading False for [C0]."""
+        lead = torch.zeros(b, 1, dtype=torch.bool, device=device)
+        if mask is None:
+            return lead.expand(b, self.config.num_tokens + 1)
+        return torch.cat([lead, mask.to(device=device, dtype=torch.bool)], dim=1)
+
+    def embed(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, L] -> embeddings [B, 1+L, D] of [C0] + tokens, masked tokens replaced by [MASK]."""
+        tokens = self.as_tokens(tokens)
+        b = tokens.shape[0]
+        if mask is not None:
+            tokens = torch.where(mask.bool(), torch.full_like(tokens, self.config.mask_id), tokens)
+        ids = torch.cat([torch.full((b, 1), self.config.cls_id, dtype=torch.long, device=tokens.device), tokens], 1)
+        return self.token_emb(ids)
+
+    def forward_encoder(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                        drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, L] long, mask / drop_mask bool [B, L] (None: nothing) -> latent [B, 1+L-n_drop, D].
+
+        [C0] is prepended (never masked or dropped), masked tokens become [MASK], the embeddings of dropped
+        tokens are removed (the others keep their order; every row must drop the same number), then the
+        encoder blocks and `norm`."""
+        x = self.embed(tokens, mask)
+        if drop_mask is not None:
+            b, n, d = x.shape
+            keep = ~self._with_cls(drop_mask, b, x.device)
+            x = x[keep].view(b, -1, d)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor | None = None,
+                        drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """latent [B, 1+L-n_drop, D] (from forward_encoder with the same masks) -> logits [B, 1+L, vocab].
+
+        Every position starts as the [C] feature (the decoder-embedded output 0), the kept outputs go back
+        to their positions, then ALL masked positions (dropped or not) are overwritten with [C]; then
+        + decoder_pos_embed_learned, decoder blocks, decoder_norm, mlm_layer."""
+        x = self.decoder_embed(latent)
+        b, _, d = x.shape
+        n = self.config.num_tokens + 1
+        cls_feature = x[:, :1].expand(b, n, d)
+        keep = ~self._with_cls(drop_mask, b, x.device)
+        if drop_mask is None:
+            scattered = x
+        else:  # position j reads kept output number (#kept before j); dropped positions read garbage, replaced
+            src = (keep.long().cumsum(1) - 1).clamp_min(0)
+            scattered = x.gather(1, src[..., None].expand(b, n, d))
+        use_own = keep & ~self._with_cls(mask, b, x.device)
+        x = torch.where(use_own[..., None], scattered, cls_feature)
+        x = x + self.decoder_pos_embed_learned
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        return self.mlm_layer(x, self.token_emb.word_embeddings.weight.detach())
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (or images) -> logits [B, 1+L, vocab] for the given masks (None: nothing masked/dropped)."""
+        tokens = self.as_tokens(tokens)
+        return self.forward_decoder(self.forward_encoder(tokens, mask, drop_mask), mask, drop_mask)
+
+    def token_logits(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Generation step: tokens [B, L] (values at masked positions are ignored), mask [B, L] bool ->
+        codebook logits [B, L, codebook_size] (fp32), with nothing dropped."""
+        tokens = tokens.reshape(tokens.shape[0], -1)
+        mask = mask.reshape(mask.shape[0], -1).bool()
+        tokens = tokens.masked_fill(mask, 0)
+        return self(tokens, mask)[:, 1:, : self.config.codebook_size].float()
+
+    # ----------------------------------------------------------------------------------- training
+    def sample_masks(self, batch: int, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None):
+        """(ratio float64 [batch], drop_mask [B, L], mask [B, L]): the pre-training masks. One ratio for the
+        batch (official) unless config.ratio_per_sample; ceil(L x ratio) masked, ceil(L x mask_ratio_min)
+        of them dropped."""
+        c = self.config
+        device = device if device is not None else (generator.device if generator is not None else "cpu")
+        ratio = self.ratio_sampler.sample(batch if c.ratio_per_sample else 1, generator=generator, device=device)
+        ratio = ratio.expand(batch)
+        drop_mask, mask = token_masks(batch, c.num_tokens, ratio, c.num_dropped, generator=generator, device=device)
+        return ratio, drop_mask, mask
+
+    def loss(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """Pre-training loss on tokens [B, L] / [B, h, w] (or images, tokenized): -> (loss, logs).
+
+        loss: label-smoothed cross-entropy of logits[:, 1:, :codebook_size] against the true tokens, averaged
+        over all masked tokens of the batch (dropped included). logs: `acc` (argmax accuracy on the masked
+        tokens) and `mask_ratio` (mean sampled ratio), detached 0-d tensors. Random masks come from
+        `generator` (on the tokens' device), or torch's global RNG."""
+        tokens = self.as_tokens(tokens)
+        b = tokens.shape[0]
+        ratio, drop_mask, mask = self.sample_masks(b, generator, device=tokens.device)
+        logits = self(tokens, mask, drop_mask)[:, 1:, : self.config.codebook_size].float()
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1),
+                                    label_smoothing=self.config.label_smoothing, reduction="none").view(b, -1)
+        weight = mask.float()
+        loss = (per_token * weight).sum() / weight.sum().clamp_min(1.0)
+        with torch.no_grad():
+            acc = ((logits.argmax(-1) == tokens).float() * weight).sum() / weight.sum().clamp_min(1.0)
+        return loss, {"acc": acc.detach(), "mask_ratio": ratio.float().mean()}
+
+    def no_weight_decay(self) -> set[str]:
+        """Nothing beyond the engine's default rule (no decay for 1-D tensors and names ending in '.bias'),
+        which is exactly what the official timm-0.3.2 `add_weight_decay` did: both embedding tables and the
+        3-D decoder_pos_embed_learned ARE decayed; mlm_layer.bias is not (its name). ViT-B: 85 decayed
+        tensors, 171 not (the official 89 / 173 counted 6 dead parameters)."""
+        return set()
+
+    # ---------------------------------------------------------------------------------- features
+    def forward_features(self, x: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """Downstream features: images [B, 3, H, W] in [0, 1] (tokenized) or tokens [B, L] / [B, h, w].
+
+        The encoder sees all 1+L tokens, nothing masked or dropped. pool="mean": parameter-free
+        LayerNorm(eps 1e-6) of the mean of the L image-token outputs taken BEFORE the final `norm` (the
+        official linear-probe features, whose fc_norm stays at its init) -> [B, D]; "cls": norm(x)[:, 0]
+        -> [B, D]; "none": norm(x) -> [B, 1+L, D]."""
+        if pool not in ("mean", "cls", "none"):
+            raise ValueError(f"pool must be 'mean', 'cls' or 'none', got {pool!r}")
+        h = self.embed(x)
+        for blk in self.blocks:
+            h = blk(h)
+        if pool == "mean":
+            return F.layer_norm(h[:, 1:].mean(1), (h.shape[-1],), eps=1e-6)
+        h = self.norm(h)
+        return h[:, 0] if pool == "cls" else h
+
+
+# ------------------------------------------------------------------------------- saving / loading
+def save_mage(model: MAGE, directory: str | os.PathLike, **kwargs) -> Path:
+    """`save_pretrained(model, directory, **kwargs)` plus the tokenizer in `directory/tokenizer/`."""
+    from ..weights import save_pretrained
+
+    directory = Path(directory)
+    sub = directory / TOKENIZER_DIR
+    if sub.exists():
+        shutil.rmtree(sub)
+    out = save_pretrained(model, directory, **kwargs)
+    if not (sub / "config.json").exists():  # weights.save_pretrained did not write attachments itself
+        model.save_attachments(out)
+    return out
+
+
+def load_mage(path: str | os.PathLike, ema: bool = False, device: str | torch.device = "cpu") -> MAGE:
+    """The MAGE model saved in `path` (weights / checkpoint / run directory), in eval mode, with the
+    tokenizer of its `tokenizer/` sub-folder attached when there is one."""
+    from ..weights import from_pretrained, resolve_weights_dir
+
+    directory = resolve_weights_dir(path)
+    model = from_pretrained(directory, ema=ema, device=device)
+    if not isinstance(model, MAGE):
+        raise UserError(f"{directory} holds a '{getattr(model, 'model_name', type(model).__name__)}' model, "
+                        f"not MAGE")
+    if model.tokenizer is None:
+        model.load_attachments(directory)
+    return model

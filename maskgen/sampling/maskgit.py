@@ -1,0 +1,219 @@
+"""MaskGIT-style iterative decoding for MAGE: generation from scratch and token-space editing.
+
+A port of the official `gen_img_uncond.py` (itself MaskGIT's `parallel_decode`), reference/mage.md §5.1.
+The canvas starts with every unknown token masked ([C0] is prepended by the model). At step s of T:
+  1. codebook logits from the model (encoder on all 1+L tokens, nothing dropped);
+  2. sample every position (temperature 1 = official) and keep the known tokens;
+  3. ratio = (s+1)/T, mask_ratio = cos(pi/2 * ratio), n = floor(U0 * mask_ratio) clamped to
+     [1, #unknown - 1], U0 = the number of unknown tokens at the start (L for generation);
+  4. confidence = log p(sampled) + choice_temperature * (1 - ratio) * Gumbel noise, +inf for known tokens;
+  5. the n lowest-confidence tokens are masked again for the next step.
+After the last step the final sampled ids are returned (every position filled).
+
+Differences from the official script, all documented choices:
+- Randomness comes from explicit `torch.Generator`s (the official code mixed torch and numpy global RNGs).
+  `generator` may also be a list with one generator per image: each row then draws only from its own
+  generator, so a batch gives exactly the images that one-by-one calls with the same generators give
+  (up to float rounding of batched matmuls).
+- The number to re-mask is computed per row. In generation from scratch every row has the same counts at
+  every step, so this equals the official single value for the batch; for editing, U0 is each row's own
+  number of tokens to regenerate.
+- Re-masking picks exactly n tokens by rank (stable sort), where the official `conf <= cutoff` could pick
+  more on exact ties.
+- The confidence uses the model's untempered probabilities; `temperature` only reshapes the sampling
+  distribution (1.0 = official; 0 = argmax).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+UNKNOWN = -1  # canvas value of a token to generate
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass
+class MaskGITStepOutput:
+    """sampled: LongTensor [B, L], every position filled (known tokens unchanged);
+    unknown: BoolTensor [B, L], the positions masked again for the next step."""
+
+    sampled: torch.Tensor
+    unknown: torch.Tensor
+
+
+def _per_row(generator: Generators, batch: int) -> list[torch.Generator] | None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return None
+    gens = list(generator)
+    if len(gens) != batch:
+        raise ValueError(f"got {len(gens)} generators for a batch of {batch}")
+    return gens
+
+
+def _rand(shape: tuple[int, ...], generator: Generators, device) -> torch.Tensor:
+    """Uniform [0, 1) noise [B, ...]; with a list of generators row i comes from generator i."""
+    gens = _per_row(generator, shape[0])
+    if gens is None:
+        return torch.rand(shape, generator=generator, device=device)
+    return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in gens])
+
+
+def _multinomial(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """probs [B, L, K] -> one draw per position [B, L]; with a list of generators row i uses generator i."""
+    b, n, k = probs.shape
+    gens = _per_row(generator, b)
+    if gens is None:
+        return torch.multinomial(probs.reshape(b * n, k), 1, generator=generator).view(b, n)
+    return torch.stack([torch.multinomial(probs[i], 1, generator=g).squeeze(1) for i, g in enumerate(gens)])
+
+
+class MaskGITScheduler:
+    """The decoding schedule and per-step update (in the spirit of diffusers' AmusedScheduler).
+
+    `timesteps` lists the steps 0..num_iter-1; `step(logits, s, tokens, unknown, initial_unknown, generator)`
+    turns one step's model output into the next canvas."""
+
+    def __init__(self, num_iter: int = 12, choice_temperature: float = 4.5, temperature: float = 1.0):
+        if num_iter < 1:
+            raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+        if choice_temperature < 0 or temperature < 0:
+            raise ValueError("temperatures must be >= 0")
+        self.num_iter = int(num_iter)
+        self.choice_temperature = float(choice_temperature)
+        self.temperature = float(temperature)
+
+    @property
+    def timesteps(self) -> list[int]:
+        return list(range(self.num_iter))
+
+    def mask_ratio(self, step: int) -> float:
+        """Fraction of the initially unknown tokens still masked after `step`: cos(pi/2 * (step+1)/T)."""
+        return math.cos(math.pi / 2.0 * (step + 1) / self.num_iter)
+
+    def num_to_mask(self, step: int, initial_unknown: torch.Tensor, unknown_now: torch.Tensor) -> torch.Tensor:
+        """[B] long: floor(U0 * mask_ratio) clamped to [1, #unknown - 1] (official), and never more than
+        #unknown (so known tokens are never masked; 0 when nothing is unknown)."""
+        n = torch.floor(initial_unknown.double() * self.mask_ratio(step)).long()
+        n = torch.maximum(torch.ones_like(n), torch.minimum(unknown_now - 1, n))
+        return torch.minimum(n, unknown_now)
+
+    def sample(self, logits: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """logits [B, L, K] -> ids [B, L]: categorical at `temperature` (argmax when 0)."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        return _multinomial(torch.softmax(logits.float() / self.temperature, dim=-1), generator)
+
+    def step(self, logits: torch.Tensor, step: int, tokens: torch.Tensor, unknown: torch.Tensor,
+             initial_unknown: torch.Tensor | None = None, generator: Generators = None) -> MaskGITStepOutput:
+        """One decoding step.
+
+        logits [B, L, K] (codebook logits of the current canvas), tokens [B, L] long (values at unknown
+        positions are ignored), unknown [B, L] bool, initial_unknown [B] long (default: L). Draws the
+        samples, then the Gumbel noise, from `generator` (a Generator, one per row, or torch's global RNG)."""
+        b, n, _ = logits.shape
+        if initial_unknown is None:
+            initial_unknown = torch.full((b,), n, dtype=torch.long, device=logits.device)
+        sampled = torch.where(unknown, self.sample(logits, generator), tokens)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, sampled.clamp_min(0)[..., None]).squeeze(-1)
+        u = _rand((b, n), generator, logits.device).clamp_min(torch.finfo(torch.float32).tiny)
+        gumbel = -torch.log(-torch.log(u))
+        ratio = (step + 1) / self.num_iter
+        confidence = logp + self.choice_temperature * (1.0 - ratio) * gumbel
+        confidence = confidence.masked_fill(~unknown, math.inf)
+        count = self.num_to_mask(step, initial_unknown.to(logits.device), unknown.sum(1))
+        order = confidence.argsort(dim=1, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=logits.device).expand(b, n))
+        return MaskGITStepOutput(sampled=sampled, unknown=rank < count[:, None])
+
+
+def _model_device(model) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def generate(model, num_images_or_canvas: int | torch.Tensor, num_iter: int = 12, choice_temperature: float = 4.5,
+             temperature: float = 1.0, generator: Generators = None, *,
+             callback: Callable[[int, MaskGITStepOutput], None] | None = None) -> torch.Tensor:
+    """Iterative decoding with a MAGE model -> codes LongTensor [B, h, w].
+
+    `num_images_or_canvas`: a number of images (every token generated), or a canvas LongTensor [B, h, w]
+    (or [B, L]) of codes in which `UNKNOWN` (-1) marks the tokens to generate; the others are kept as they
+    are. `generator`: a torch.Generator on the model's device, a list of one per image, or None (torch's
+    global RNG). `callback(step, output)` sees every step's `MaskGITStepOutput`. The model runs in eval mode
+    (its mode is restored afterwards). Decode the codes to images with `model.decode_tokens(codes)`."""
+    cfg = model.config
+    device = _model_device(model)
+    g, length = cfg.token_grid, cfg.num_tokens
+    if isinstance(num_images_or_canvas, int):
+        tokens = torch.full((num_images_or_canvas, length), UNKNOWN, dtype=torch.long, device=device)
+    else:
+        canvas = num_images_or_canvas
+        if canvas.is_floating_point() or canvas.dim() not in (2, 3) or canvas[0].numel() != length:
+            raise ValueError(f"canvas must be integer codes [B, {g}, {g}] or [B, {length}], got "
+                             f"{canvas.dtype} {list(canvas.shape)}")
+        tokens = canvas.reshape(canvas.shape[0], length).long().to(device)
+        bad = (tokens != UNKNOWN) & ((tokens < 0) | (tokens >= cfg.codebook_size))
+        if bool(bad.any()):
+            raise ValueError(f"canvas codes must lie in [0, {cfg.codebook_size}) or be UNKNOWN ({UNKNOWN})")
+    b = tokens.shape[0]
+    unknown = tokens == UNKNOWN
+    initial_unknown = unknown.sum(1)
+    scheduler = MaskGITScheduler(num_iter, choice_temperature, temperature)
+    was_training = model.training
+    model.eval()
+    try:
+        sampled = tokens
+        if bool(initial_unknown.any()):
+            for step in scheduler.timesteps:
+                logits = model.token_logits(tokens, unknown)
+                out = scheduler.step(logits, step, tokens, unknown, initial_unknown, generator)
+                if callback is not None:
+                    callback(step, out)
+                sampled, unknown = out.sampled, out.unknown
+                tokens = sampled.masked_fill(unknown, UNKNOWN)
+    finally:
+        model.train(was_training)
+    return sampled.view(b, g, g)
+
+
+def inpaint_tokens(model, codes: torch.Tensor, region_mask: torch.Tensor, num_iter: int = 12,
+                   choice_temperature: float = 4.5, temperature: float = 1.0, generator: Generators = None, *,
+                   callback: Callable[[int, MaskGITStepOutput], None] | None = None) -> torch.Tensor:
+    """Regenerate the tokens of `codes` [B, h, w] where `region_mask` [B, h, w] (or [h, w]) is True; the others
+    never change. Returns codes [B, h, w]. Inpainting: the region is a hole; outpainting / uncropping: the
+    region is everything outside the kept part. See `token_region` to go from a pixel mask to tokens."""
+    region = region_mask.to(device=codes.device, dtype=torch.bool).expand_as(codes)
+    return generate(model, codes.long().masked_fill(region, UNKNOWN), num_iter, choice_temperature, temperature,
+                    generator, callback=callback)
+
+
+def token_region(pixel_mask: torch.Tensor, factor: int, dilate: int = 0) -> torch.Tensor:
+    """Pixel mask [B, H, W] or [H, W] (True = to regenerate) -> token mask [B, H/f, W/f] (or [h, w]): a token is
+    selected when any of its f x f pixels is, then the selection grows by `dilate` tokens (the maintainer's
+    inpainting example masked one token beyond the hole, LTH14/mage issue #3)."""
+    squeeze = pixel_mask.dim() == 2
+    m = pixel_mask.bool()
+    m = m[None] if squeeze else m
+    if m.shape[-1] % factor or m.shape[-2] % factor:
+        raise ValueError(f"mask size {list(m.shape[-2:])} is not a multiple of the token size {factor}")
+    t = F.max_pool2d(m[:, None].float(), factor, factor)
+    if dilate > 0:
+        t = F.max_pool2d(t, 2 * dilate + 1, 1, padding=dilate)
+    t = t[:, 0] > 0
+    return t[0] if squeeze else t
+
+
+def box_region(box: tuple[int, int, int, int], image_size: int, factor: int, dilate: int = 0) -> torch.Tensor:
+    """Pixel box (x0, y0, x1, y1), end-exclusive, on an image_size^2 image -> token mask [h, w] (see token_region)."""
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= image_size and 0 <= y0 < y1 <= image_size):
+        raise ValueError(f"box {box} does not lie inside a {image_size}x{image_size} image")
+    m = torch.zeros(image_size, image_size, dtype=torch.bool)
+    m[y0:y1, x0:x1] = True
+    return token_region(m, factor, dilate)
