@@ -48,15 +48,17 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and folder under `path` to disk, so the rename publishes complete data."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, release_model: torch.nn.Module, *,
@@ -73,7 +75,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, release_model: torch.nn.
     torch.save(training_state, tmp / STATE_FILE)
     (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     (tmp / TRAIN_CONFIG_FILE).write_text(config_yaml)
-    _fsync_dir(tmp)
+    _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. a resumed run that stops where it resumed)
         shutil.rmtree(final)
     os.replace(tmp, final)

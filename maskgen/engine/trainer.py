@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import Config, config_to_yaml
 from ..data.loader import AugmentedImages, ResumableLoader, mix_seed
 from ..data.sources import open_source
+from ..data.token_cache import CachedTokens, TokenCache
 from ..data.transforms import build_transform
 from ..errors import UserError
 from ..methods import get_method
@@ -85,17 +86,13 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         resume_from = self._find_resume(resume)
 
-        # data
-        source = open_source(cfg.data.path, cfg.data.split)
-        dataset = AugmentedImages(source, build_transform(cfg.data), tc.seed)
-        self.loader = ResumableLoader(dataset, tc.batch_size, tc.seed, self.rank, self.world,
-                                      cfg.data.num_workers, cfg.data.limit)
-        self.source_description = source.description
-
-        # method and optimisation
+        # method, then data (a token cache is checked against the method's tokenizer)
         torch.manual_seed(tc.seed)  # parameter initialisation: identical on every rank
         self.method = get_method(cfg.method).build(cfg).to(device)
         self.release = self.method.release_model()
+        dataset, self.source_description = self._dataset()
+        self.loader = ResumableLoader(dataset, tc.batch_size, tc.seed, self.rank, self.world,
+                                      cfg.data.num_workers, cfg.data.limit)
         self.effective_batch = tc.batch_size * tc.accum_steps * self.world
         self.base_lr = effective_lr(cfg.optim, self.effective_batch)
         self.steps_per_epoch = max(1, self.loader.batches_per_epoch // tc.accum_steps)
@@ -127,6 +124,18 @@ class Trainer:
         self.preview = None
 
     # ------------------------------------------------------------------------------ set-up helpers
+    def _dataset(self):
+        """(dataset in the loader's (epoch, index) protocol, description): images, or cached tokens."""
+        data = self.cfg.data
+        if data.token_cache:
+            cache = TokenCache(data.token_cache)
+            cache.check(tokenizer=getattr(self.release, "tokenizer", None), image_size=data.image_size,
+                        crop_scale=data.crop_scale, interpolation=data.interpolation)
+            return CachedTokens(cache, self.cfg.train.seed), f"token cache {data.token_cache} ({len(cache)} images, " \
+                f"{cache.views} views + flips)"
+        source = open_source(data.path, data.split)
+        return AugmentedImages(source, build_transform(data), self.cfg.train.seed), source.description
+
     def _find_resume(self, resume) -> Path | None:
         latest = latest_checkpoint(self.ckpt_root)
         if resume is None:

@@ -21,9 +21,9 @@ class MethodSpec:
 
 
 def _specs() -> dict[str, MethodSpec]:
-    from . import tokenizer
+    from . import mage, tokenizer
 
-    return {s.name: s for s in (tokenizer.SPEC,)}
+    return {s.name: s for s in (tokenizer.SPEC, mage.SPEC)}
 
 
 def method_names() -> list[str]:
