@@ -73,6 +73,45 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--seed", type=int, default=0)
     ct.add_argument("--device", default="cpu", help="cpu or cuda")
 
+    gen = sub.add_parser("generate", help="generate images with a MAGE model (iterative decoding)",
+                         description="Generate images from scratch: every token starts masked and is filled in "
+                                     "num-iter MaskGIT steps (cosine schedule, Gumbel-noised confidence). Image i "
+                                     "depends only on (--seed, i). Writes 000000.png ... and grid.png.")
+    gen.add_argument("--ckpt", required=True, help="MAGE weights / checkpoint / run directory")
+    gen.add_argument("--out", required=True, help="output folder")
+    gen.add_argument("--num-images", type=int, default=16)
+    _sampling_args(gen)
+    gen.add_argument("--batch-size", type=int, default=16)
+
+    ed = sub.add_parser("edit", help="inpaint, outpaint or uncrop an image with a MAGE model",
+                        description="Regenerate part of an image: its tokens start masked (one token beyond the "
+                                    "pixel region), the others stay fixed. The image is resized to the model's "
+                                    "resolution; OUT and OUT_panel.png (input | masked | result) are written.")
+    ed.add_argument("kind", choices=("inpaint", "outpaint", "uncrop"),
+                    help="inpaint: regenerate --box or --mask; outpaint: add --pad pixels on every side; "
+                         "uncrop: keep --box, regenerate the rest")
+    ed.add_argument("--ckpt", required=True, help="MAGE weights / checkpoint / run directory")
+    ed.add_argument("--image", required=True, help="input image file")
+    ed.add_argument("--out", required=True, help="output PNG file")
+    ed.add_argument("--box", help="x0,y0,x1,y1 in pixels of the input image (end-exclusive)")
+    ed.add_argument("--mask", help="mask image of the input's size; white = regenerate (inpaint)")
+    ed.add_argument("--pad", type=int, help="pixels added on every side (outpaint)")
+    ed.add_argument("--dilate", type=int, default=1, help="grow the token region by this many tokens (default 1)")
+    _sampling_args(ed)
+
+    ft = sub.add_parser("features", help="extract features of a dataset with a pre-trained encoder",
+                        description="Encoder features (nothing masked) of every image, after resize + centre crop, "
+                                    "into a safetensors file with 'features' [N, D] and 'labels' [N].")
+    ft.add_argument("--ckpt", required=True, help="weights / checkpoint / run directory")
+    ft.add_argument("--data", required=True, help="image folder, shards, 'cifar10' or 'mnist5k'")
+    ft.add_argument("--out", required=True, help="output .safetensors file")
+    ft.add_argument("--split", default="train")
+    ft.add_argument("--pool", default="mean", choices=("mean", "cls"),
+                    help="mean: LayerNorm of the mean image-token output (official linear probe); cls: [C] token")
+    ft.add_argument("--batch-size", type=int, default=64)
+    ft.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
+    ft.add_argument("--device", default="cpu")
+
     cv = sub.add_parser("convert", help="import an official checkpoint as a maskgen weights folder")
     cvsub = cv.add_subparsers(dest="convert_command", metavar="KIND", required=True)
     vq = cvsub.add_parser("vqgan", help="the official MAGE VQGAN tokenizer (vqgan_jax_strongaug.ckpt)",
@@ -88,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--src", required=True, help="official .pth file")
     mg.add_argument("--out", required=True, help="output weights folder")
     return p
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-iter", type=int, default=12, help="decoding iterations (official: 12; README: 20)")
+    p.add_argument("--choice-temperature", type=float, default=4.5,
+                   help="Gumbel noise scale on the confidence, annealed to 0 (official: 4.5; README FID: 6.0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the tokens (0: argmax)")
+    p.add_argument("--device", default="cpu")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,6 +157,25 @@ def run(args: argparse.Namespace) -> int:
         out = cache_tokens(args.tokenizer, args.data, args.out, image_size=args.image_size, views=args.views,
                            split=args.split, crop_scale=tuple(args.crop_scale), batch_size=args.batch_size,
                            seed=args.seed, device=args.device, progress=sys.stderr.isatty())
+        print(f"wrote {out}")
+    elif args.command == "generate":
+        from .generation import generate_images
+
+        out = generate_images(args.ckpt, args.out, args.num_images, args.seed, args.num_iter,
+                              args.choice_temperature, args.temperature, args.batch_size, args.device)
+        print(f"wrote {args.num_images} images to {out}")
+    elif args.command == "edit":
+        from .generation import edit_image
+
+        out = edit_image(args.kind, args.ckpt, args.image, args.out, box=args.box, mask=args.mask, pad=args.pad,
+                         seed=args.seed, num_iter=args.num_iter, choice_temperature=args.choice_temperature,
+                         temperature=args.temperature, dilate=args.dilate, device=args.device)
+        print(f"wrote {out}")
+    elif args.command == "features":
+        from .generation import extract_features
+
+        out = extract_features(args.ckpt, args.data, args.out, args.split, args.pool, batch_size=args.batch_size,
+                               limit=args.limit, device=args.device)
         print(f"wrote {out}")
     elif args.command == "convert":
         out = api.convert(args.convert_command, args.src, args.out)
