@@ -40,7 +40,7 @@ class DataConfig:
     crop_scale: list[float] = option([0.2, 1.0], "RandomResizedCrop area range (MAE/MAGE: 0.2-1.0)")
     interpolation: str = option("bicubic", "resampling filter", choices=("bicubic", "bilinear", "nearest"))
     hflip: bool = option(True, "random horizontal flip (pretrain augmentation)")
-    limit: int = option(0, "use only the first N samples (0: all)", min=0)
+    limit: int = option(0, "use a fixed random subset of N samples (0: all)", min=0)
     tokenizer: str = option("", "tokenizer weights/run directory that turns images into tokens (MAGE)")
     token_cache: str = option("", "read tokens from this `maskgen cache-tokens` file instead of tokenizing images")
     num_workers: int = option(0, "data-loading worker processes per rank", min=0)

@@ -66,6 +66,15 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
+def subset(n: int, limit: int) -> list[int]:
+    """The indices a run uses: all n, or a fixed random subset of `limit` (the same for every seed and run, so
+    that a class-sorted source still gives every class)."""
+    if not limit or limit >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(0x5B5E7)
+    return sorted(torch.randperm(n, generator=g)[:limit].tolist())
+
+
 class ResumableLoader:
     """Infinite iterator over batches; `state_dict()` is the position of the next batch."""
 
@@ -73,7 +82,8 @@ class ResumableLoader:
                  num_workers: int = 0, limit: int = 0):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.num_samples = min(len(dataset), limit) if limit else len(dataset)
+        self.indices = subset(len(dataset), limit)
+        self.num_samples = len(self.indices)
         global_batch = batch_size * world_size
         self.batches_per_epoch = self.num_samples // global_batch
         if self.batches_per_epoch == 0:
@@ -93,7 +103,7 @@ class ResumableLoader:
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5EED))
         perm = torch.randperm(self.num_samples, generator=g).tolist()
         gb, b = self.batch_size * self.world_size, self.batch_size
-        return [[(epoch, i) for i in perm[k * gb + self.rank * b: k * gb + (self.rank + 1) * b]]
+        return [[(epoch, self.indices[i]) for i in perm[k * gb + self.rank * b: k * gb + (self.rank + 1) * b]]
                 for k in range(self.batches_per_epoch)]
 
     def __iter__(self):

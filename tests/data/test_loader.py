@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskgen.data.loader import AugmentedImages, ResumableLoader
+from maskgen.data.loader import AugmentedImages, ResumableLoader, subset
 from maskgen.data.sources import FolderSource, ShardSource, open_source
 from maskgen.data.transforms import EvalTransform, PretrainTransform
 from maskgen.errors import UserError
@@ -74,7 +74,7 @@ def test_ranks_are_disjoint_and_union_equals_single_process():
         assert torch.equal(torch.cat([a["index"], b["index"]]), s["index"])
         assert torch.equal(torch.cat([a["image"], b["image"]]), s["image"])
     seen = torch.cat([s["index"] for s in single])
-    assert sorted(seen.tolist()) == list(range(40))  # one epoch covers every sample once
+    assert sorted(seen.tolist()) == subset(10000, 40)  # one epoch covers every sample of the subset once
 
 
 def test_resume_at_exact_position():
@@ -105,6 +105,13 @@ def test_bad_files_are_skipped_and_counted(tmp_path, caplog):
             seen += len(batch.get("image", []))
     assert seen == 16 - loader.skipped and loader.skipped == 2
     assert "truncated.jpg" in caplog.text and "notes.jpg" in caplog.text
+
+
+def test_limit_is_a_fixed_random_subset():
+    assert len(subset(5000, 256)) == 256 and subset(5000, 256) == subset(5000, 256)
+    # a class-sorted source of 500 per class (as mnist5k) still gives every class
+    assert len({i // 500 for i in subset(5000, 256)}) == 10
+    assert subset(30, 0) == list(range(30)) and subset(30, 50) == list(range(30))
 
 
 def test_batch_larger_than_data_is_a_clear_error(tmp_path):
