@@ -24,7 +24,8 @@ from ..errors import ConfigError, UserError
 from ..models.mage import MAGE, MAGEConfig, save_mage
 from ..models.vqgan import VQGAN
 from ..weights import safe_torch_load
-from .vqgan import MAGE_PREFIX, _first, check_state_dict, infer_config
+from .common import check_state_dict, first_keys
+from .vqgan import MAGE_PREFIX, infer_config
 
 # Tensors of the official model that nothing reads (reference/mage.md §2.4, §8): exact names or prefixes.
 DROPPED_KEYS = ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "token_emb.position_ids")
@@ -49,7 +50,7 @@ def read_checkpoint(src: str | os.PathLike) -> dict[str, torch.Tensor]:
     sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
     not_tensors = [str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise UserError(f"{src}: not a MAGE checkpoint, these entries are not tensors: {_first(not_tensors)}")
+        raise UserError(f"{src}: not a MAGE checkpoint, these entries are not tensors: {first_keys(not_tensors)}")
     if "token_emb.word_embeddings.weight" not in sd:
         raise UserError(f"{src}: missing tensor 'token_emb.word_embeddings.weight': not a MAGE checkpoint")
     return sd
@@ -111,22 +112,6 @@ def infer_mage_config(sd: dict[str, torch.Tensor], codebook_size: int, downsampl
         raise UserError(f"the tensor shapes imply an impossible MAGE config: {e}") from None
 
 
-def check_mage_state_dict(model: MAGE, sd: dict[str, torch.Tensor]) -> None:
-    """Raise UserError unless `sd` has exactly the model's keys with equal shapes and floating dtypes."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {list(sd[k].shape)} {str(sd[k].dtype).removeprefix('torch.')} "
-             f"(expected {list(expected[k].shape)} float)"
-             for k in expected if k in sd and (sd[k].shape != expected[k].shape or not sd[k].is_floating_point())]
-    problems = [f"{what}: {_first(keys)}" for what, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape/dtype", wrong)) if keys]
-    if problems:
-        c = model.config
-        raise UserError(f"checkpoint does not match the inferred MAGE (depth={c.depth}, embed_dim={c.embed_dim}, "
-                        f"decoder_depth={c.decoder_depth}): " + "; ".join(problems))
-
-
 def build_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = None,
                           decoder_num_heads: int | None = None) -> MAGE:
     """The MAGE model (eval mode, fp32) with its tokenizer attached, from an official state dict."""
@@ -137,13 +122,15 @@ def build_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = N
         tcfg = infer_config(tok_sd)
         with torch.device("meta"):
             tokenizer = VQGAN(tcfg)
-        check_state_dict(tokenizer, tok_sd)
+        check_state_dict(tokenizer, tok_sd, f"VQGAN (ch={tokenizer.config.ch}, ch_mult={tokenizer.config.ch_mult})")
     except UserError as e:
         raise UserError(f"tokenizer ({MAGE_PREFIX}*): {e}") from None
     cfg = infer_mage_config(model_sd, tcfg.codebook_size, tcfg.downsample_factor, num_heads, decoder_num_heads)
     with torch.device("meta"):  # shapes only: every weight comes from the file
         model = MAGE(cfg)
-    check_mage_state_dict(model, model_sd)
+    c = model.config
+    check_state_dict(model, model_sd, f"MAGE (depth={c.depth}, embed_dim={c.embed_dim}, "
+                                      f"decoder_depth={c.decoder_depth})")
     model.load_state_dict({k: v.to(torch.float32) for k, v in model_sd.items()}, strict=True, assign=True)
     tokenizer.load_state_dict({k: v.to(torch.float32) for k, v in tok_sd.items()}, strict=True, assign=True)
     model.set_tokenizer(tokenizer)

@@ -16,13 +16,9 @@ import torch
 from ..errors import ConfigError, UserError
 from ..models.vqgan import VQGAN, VQGANConfig
 from ..weights import safe_torch_load, save_pretrained
+from .common import check_state_dict, first_keys
 
 MAGE_PREFIX = "vqgan."
-
-
-def _first(keys: list[str], n: int = 3) -> str:
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
 
 
 def read_state_dict(src: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -40,7 +36,7 @@ def read_state_dict(src: str | os.PathLike) -> dict[str, torch.Tensor]:
         sd = obj
     not_tensors = [str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise UserError(f"{src}: not a state dict, these entries are not tensors: {_first(not_tensors)}")
+        raise UserError(f"{src}: not a state dict, these entries are not tensors: {first_keys(not_tensors)}")
     return sd
 
 
@@ -73,21 +69,6 @@ def infer_config(sd: dict[str, torch.Tensor]) -> VQGANConfig:
         raise UserError(f"the tensor shapes imply an impossible tokenizer config: {e}") from None
 
 
-def check_state_dict(model: VQGAN, sd: dict[str, torch.Tensor]) -> None:
-    """Raise UserError unless `sd` has exactly the model's keys, with equal shapes and floating dtypes."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {list(sd[k].shape)} {str(sd[k].dtype).removeprefix('torch.')} "
-             f"(expected {list(expected[k].shape)} float)"
-             for k in expected if k in sd and (sd[k].shape != expected[k].shape or not sd[k].is_floating_point())]
-    problems = [f"{what}: {_first(keys)}" for what, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape/dtype", wrong)) if keys]
-    if problems:
-        raise UserError("checkpoint does not match the inferred VQGAN "
-                        f"(ch={model.config.ch}, ch_mult={model.config.ch_mult}): " + "; ".join(problems))
-
-
 def convert_vqgan(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Convert the official tokenizer checkpoint `src` into the weights directory `out` (returned).
 
@@ -97,7 +78,8 @@ def convert_vqgan(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     try:
         with torch.device("meta"):  # shapes only: every weight comes from the file
             model = VQGAN(infer_config(sd))
-        check_state_dict(model, sd)
+        c = model.config
+        check_state_dict(model, sd, f"VQGAN (ch={c.ch}, ch_mult={c.ch_mult})")
     except UserError as e:
         raise UserError(f"{src}: {e}") from None
     model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True, assign=True)

@@ -1,0 +1,28 @@
+"""Checks shared by the official-checkpoint converters."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+def first_keys(keys: list[str], n: int = 3) -> str:
+    """'a, b, c (+2 more)'."""
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], inferred: str) -> None:
+    """Raise UserError unless `sd` has exactly the model's keys, with equal shapes and floating dtypes.
+    `inferred` describes the config read off the shapes, for the message (e.g. "VQGAN (ch=128, ...)")."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {list(sd[k].shape)} {str(sd[k].dtype).removeprefix('torch.')} "
+             f"(expected {list(expected[k].shape)} float)"
+             for k in expected if k in sd and (sd[k].shape != expected[k].shape or not sd[k].is_floating_point())]
+    problems = [f"{what}: {first_keys(keys)}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape/dtype", wrong)) if keys]
+    if problems:
+        raise UserError(f"checkpoint does not match the inferred {inferred}: " + "; ".join(problems))
