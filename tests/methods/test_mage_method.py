@@ -14,7 +14,7 @@ from maskgen.models.mage import MAGE
 from maskgen.models.vqgan import VQGAN
 from maskgen.weights import save_pretrained
 
-from conftest import run_cli
+from conftest import make_folder, run_cli
 
 pytestmark = pytest.mark.slow
 BASE = ["--config", "mage-tiny", "data.limit=64"]
@@ -65,7 +65,7 @@ def test_mage_resume_is_exact(tokenizer, tmp_path):
 
 def test_token_cache_training_and_mismatch(tokenizer, tmp_path):
     cache = tmp_path / "cache.safetensors"
-    run_cli("cache-tokens", "--tokenizer", tokenizer, "--data", "cifar10", "--split", "test", "--out", cache,
+    run_cli("cache-tokens", "--tokenizer", tokenizer, "--data", make_folder(tmp_path / "imgs", 64), "--out", cache,
             "--views", 2, "--image-size", 32, check=True)
     ok = run_cli("train", "mage", *BASE, f"data.tokenizer={tokenizer}", f"data.token_cache={cache}",
                  "train.max_steps=2", "--run-dir", tmp_path / "run", check=True)
