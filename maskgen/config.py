@@ -40,6 +40,13 @@ class DataConfig:
     crop_scale: list[float] = option([0.2, 1.0], "RandomResizedCrop area range (MAE/MAGE: 0.2-1.0)")
     interpolation: str = option("bicubic", "resampling filter", choices=("bicubic", "bilinear", "nearest"))
     hflip: bool = option(True, "random horizontal flip (pretrain augmentation)")
+    color_jitter: float = option(0.0, "SimCLR colour-jitter strength s (brightness/contrast/saturation 0.8s, hue "
+                                      "0.2s, applied with p 0.8; pretrain augmentation of images, not of a token "
+                                      "cache); 0: off", min=0.0)
+    grayscale: float = option(0.0, "probability of converting a view to grayscale (pretrain augmentation)",
+                              min=0.0, max=1.0)
+    views: int = option(1, "augmented views per image and step: 2 for two-view methods (MAGE-C); each view "
+                           "has its own crop, flip and jitter (or its own cached view)", min=1, max=2)
     limit: int = option(0, "use a fixed random subset of N samples (0: all)", min=0)
     tokenizer: str = option("", "tokenizer weights/run directory that turns images into tokens (MAGE)")
     token_cache: str = option("", "read tokens from this `maskgen cache-tokens` file instead of tokenizing images")

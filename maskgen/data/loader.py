@@ -30,10 +30,11 @@ def mix_seed(*values: int) -> int:
 
 
 class AugmentedImages(Dataset):
-    """`dataset[(epoch, index)]` → {"image": [3,S,S] in [0,1], "label": int} or {"bad": name, "reason": str}."""
+    """`dataset[(epoch, index)]` → {"image": [3,S,S] in [0,1], "label": int, "index": int} (plus "image2", a
+    second independent augmentation, when views=2) or {"bad": name, "reason": str}."""
 
-    def __init__(self, source, transform, seed: int):
-        self.source, self.transform, self.seed = source, transform, seed
+    def __init__(self, source, transform, seed: int, views: int = 1):
+        self.source, self.transform, self.seed, self.views = source, transform, seed, views
 
     def __len__(self) -> int:
         return len(self.source)
@@ -46,7 +47,10 @@ class AugmentedImages(Dataset):
         except BadImage as e:
             return {"bad": sample.name, "reason": str(e)}
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
-        return {"image": self.transform(img, g), "label": sample.label, "index": index}
+        item = {"image": self.transform(img, g), "label": sample.label, "index": index}
+        if self.views == 2:
+            item["image2"] = self.transform(img, torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, 2)))
+        return item
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -243,10 +243,11 @@ class TokenCache:
 class CachedTokens:
     """A dataset in the loader's key protocol over a TokenCache:
     `dataset[(epoch, index)]` -> {"tokens": LongTensor [h, w], "label": int, "index": int}, where the
-    (view, flip) pair is drawn uniformly from the 2K stored ones by a generator keyed by (seed, epoch, index)."""
+    (view, flip) pair is drawn uniformly from the 2K stored ones by a generator keyed by (seed, epoch, index).
+    With views=2, "tokens2" holds a second, different (view, flip) pair of the same image."""
 
-    def __init__(self, cache: TokenCache, seed: int):
-        self.cache, self.seed = cache, seed
+    def __init__(self, cache: TokenCache, seed: int, views: int = 1):
+        self.cache, self.seed, self.views = cache, seed, views
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -254,9 +255,12 @@ class CachedTokens:
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
-        choice = int(torch.randint(0, 2 * self.cache.views, (), generator=g))
-        return {"tokens": self.cache.tokens(index, choice // 2, bool(choice % 2)),
+        choices = torch.randperm(2 * self.cache.views, generator=g)[: self.views].tolist()
+        item = {"tokens": self.cache.tokens(index, choices[0] // 2, bool(choices[0] % 2)),
                 "label": int(self.cache.labels[index]), "index": index}
+        if self.views == 2:
+            item["tokens2"] = self.cache.tokens(index, choices[1] // 2, bool(choices[1] % 2))
+        return item
 
 
 def cache_tokens(tokenizer_dir: str | os.PathLike, data: str, out: str | os.PathLike, *, image_size: int,

@@ -20,12 +20,15 @@ def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
 
 
 class PretrainTransform:
-    """MAE/MAGE pre-training: RandomResizedCrop(size, scale, ratio 3/4-4/3) + random horizontal flip."""
+    """MAE/MAGE pre-training: RandomResizedCrop(size, scale, ratio 3/4-4/3) + random horizontal flip, then
+    optionally SimCLR's colour jitter (strength s, with p 0.8; brightness, contrast, saturation, hue in that
+    order) and random grayscale (two-view contrastive methods)."""
 
     def __init__(self, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic",
-                 hflip: bool = True):
+                 hflip: bool = True, color_jitter: float = 0.0, grayscale: float = 0.0):
         self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
         self.interpolation = INTERPOLATIONS[interpolation]
+        self.color_jitter, self.grayscale = color_jitter, grayscale
 
     def crop_box(self, width: int, height: int, g: torch.Generator) -> tuple[int, int, int, int]:
         """(top, left, h, w) as torchvision's RandomResizedCrop.get_params, drawn from `g`."""
@@ -55,6 +58,14 @@ class PretrainTransform:
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], self.interpolation)
         if self.hflip and torch.rand((), generator=g).item() < 0.5:
             img = TF.hflip(img)
+        if self.color_jitter > 0 and torch.rand((), generator=g).item() < 0.8:
+            s = self.color_jitter
+            img = TF.adjust_brightness(img, _uniform(g, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s))
+            img = TF.adjust_contrast(img, _uniform(g, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s))
+            img = TF.adjust_saturation(img, _uniform(g, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s))
+            img = TF.adjust_hue(img, _uniform(g, -min(0.5, 0.2 * s), min(0.5, 0.2 * s)))
+        if self.grayscale > 0 and torch.rand((), generator=g).item() < self.grayscale:
+            img = TF.to_grayscale(img, num_output_channels=3)
         return TF.to_tensor(img)
 
 
@@ -74,5 +85,6 @@ class EvalTransform:
 def build_transform(data_cfg) -> PretrainTransform | EvalTransform:
     if data_cfg.augment == "pretrain":
         return PretrainTransform(data_cfg.image_size, data_cfg.crop_scale, interpolation=data_cfg.interpolation,
-                                 hflip=data_cfg.hflip)
+                                 hflip=data_cfg.hflip, color_jitter=data_cfg.color_jitter,
+                                 grayscale=data_cfg.grayscale)
     return EvalTransform(data_cfg.image_size, interpolation=data_cfg.interpolation)

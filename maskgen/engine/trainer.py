@@ -131,10 +131,10 @@ class Trainer:
             cache = TokenCache(data.token_cache)
             cache.check(tokenizer=getattr(self.release, "tokenizer", None), image_size=data.image_size,
                         crop_scale=data.crop_scale, interpolation=data.interpolation)
-            return CachedTokens(cache, self.cfg.train.seed), f"token cache {data.token_cache} ({len(cache)} images, " \
+            return CachedTokens(cache, self.cfg.train.seed, data.views), f"token cache {data.token_cache} ({len(cache)} images, " \
                 f"{cache.views} views + flips)"
         source = open_source(data.path, data.split)
-        return AugmentedImages(source, build_transform(data), self.cfg.train.seed), source.description
+        return AugmentedImages(source, build_transform(data), self.cfg.train.seed, data.views), source.description
 
     def _find_resume(self, resume) -> Path | None:
         latest = latest_checkpoint(self.ckpt_root)

@@ -385,17 +385,25 @@ class MAGE(nn.Module):
         over all masked tokens of the batch (dropped included). logs: `acc` (argmax accuracy on the masked
         tokens) and `mask_ratio` (mean sampled ratio), detached 0-d tensors. Random masks come from
         `generator` (on the tokens' device), or torch's global RNG."""
+        loss, logs, _ = self.loss_and_pooled(tokens, generator)
+        return loss, logs
+
+    def loss_and_pooled(self, tokens: torch.Tensor, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """`loss` plus the pooled encoder output of the masked input, [B, D]: the mean of the normed outputs
+        of the kept image tokens ([C0] excluded), which MAGE-C's contrastive head reads."""
         tokens = self.as_tokens(tokens)
         b = tokens.shape[0]
         ratio, drop_mask, mask = self.sample_masks(b, generator, device=tokens.device)
-        logits = self(tokens, mask, drop_mask)[:, 1:, : self.config.codebook_size].float()
+        latent = self.forward_encoder(tokens, mask, drop_mask)
+        logits = self.forward_decoder(latent, mask, drop_mask)[:, 1:, : self.config.codebook_size].float()
         per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1),
                                     label_smoothing=self.config.label_smoothing, reduction="none").view(b, -1)
         weight = mask.float()
         loss = (per_token * weight).sum() / weight.sum().clamp_min(1.0)
         with torch.no_grad():
             acc = ((logits.argmax(-1) == tokens).float() * weight).sum() / weight.sum().clamp_min(1.0)
-        return loss, {"acc": acc.detach(), "mask_ratio": ratio.float().mean()}
+        return loss, {"acc": acc.detach(), "mask_ratio": ratio.float().mean()}, latent[:, 1:].mean(1)
 
     def no_weight_decay(self) -> set[str]:
         """Nothing beyond the engine's default rule (no decay for 1-D tensors and names ending in '.bias'),

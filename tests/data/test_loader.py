@@ -117,3 +117,15 @@ def test_limit_is_a_fixed_random_subset():
 def test_batch_larger_than_data_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="fewer than one global batch"):
         _loader(FolderSource(make_folder(tmp_path / "x", 5)), 8)
+
+
+def test_two_views_are_independent_augmentations_and_jitter_is_seeded():
+    src = ShardSource([str(CIFAR / "test-000000.tar")])
+    one = AugmentedImages(src, PretrainTransform(16), seed=0)[(0, 5)]
+    two = AugmentedImages(src, PretrainTransform(16), seed=0, views=2)[(0, 5)]
+    assert torch.equal(one["image"], two["image"])  # view 1 is the single-view sample
+    assert two["image2"].shape == (3, 16, 16) and not torch.equal(two["image"], two["image2"])
+    jitter = PretrainTransform(16, color_jitter=1.0, grayscale=1.0)
+    a = AugmentedImages(src, jitter, seed=0)[(0, 5)]["image"]
+    assert torch.equal(a, AugmentedImages(src, jitter, seed=0)[(0, 5)]["image"])
+    assert torch.equal(a[0], a[1]) and torch.equal(a[1], a[2])  # grayscale with p = 1

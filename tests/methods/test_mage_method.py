@@ -119,3 +119,40 @@ def test_features(trained, tmp_path):
     f = load_file(str(out))
     assert f["features"].shape == (20, 64) and f["labels"].shape == (20,)
     assert torch.allclose(f["features"].mean(1), torch.zeros(20), atol=1e-4)  # LayerNorm-ed mean pooling
+
+
+MAGE_C = ["loss.contrastive_weight=0.1", "data.views=2", "loss.contrastive_hidden_dim=32",
+          "loss.contrastive_dim=16", "loss.sample_images=0"]
+
+
+def test_mage_c_trains_resumes_and_releases_plain_mage(tokenizer, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [*BASE, f"data.tokenizer={tokenizer}", *MAGE_C, "data.color_jitter=0.5", "data.grayscale=0.2"]
+    run_cli("train", "mage", *common, "train.max_steps=3", "--run-dir", a, check=True)
+    run_cli("train", "mage", *common, "train.max_steps=2", "--run-dir", b, check=True)
+    run_cli("train", "mage", *common, "train.max_steps=3", "--run-dir", b, "--resume", "auto", check=True)
+    rows = [json.loads(r) for r in (a / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "contrastive_loss" in r)
+    # at init the pooled features of all 2 x 16 views are nearly alike: InfoNCE ~ ln(2B - 1)
+    assert math.isclose(first["contrastive_loss"], math.log(31), abs_tol=0.3)
+    assert math.isclose(first["loss"], first["mlm_loss"] + 0.1 * first["contrastive_loss"], rel_tol=1e-4)
+    ckpt = a / "checkpoints" / "step_00000003"
+    assert not any(k.startswith("head") for k in load_file(str(ckpt / "model.safetensors")))
+    assert isinstance(maskgen.from_pretrained(a), MAGE)
+    wa, wb = (load_file(str(r / "checkpoints" / "step_00000003" / "model.safetensors")) for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the head is restored from the training state
+    assert losses(a) == losses(b)
+
+
+def test_mage_c_from_token_cache_and_view_errors(tokenizer, tmp_path):
+    cache = tmp_path / "cache.safetensors"
+    run_cli("cache-tokens", "--tokenizer", tokenizer, "--data", make_folder(tmp_path / "imgs", 32), "--out", cache,
+            "--views", 2, "--image-size", 32, check=True)
+    run_cli("train", "mage", *BASE, f"data.tokenizer={tokenizer}", f"data.token_cache={cache}", *MAGE_C,
+            "train.max_steps=1", "--run-dir", tmp_path / "run", check=True)
+    no_views = run_cli("train", "mage", *BASE, f"data.tokenizer={tokenizer}", "loss.contrastive_weight=0.1",
+                       "--run-dir", tmp_path / "bad")
+    assert no_views.returncode == 2 and "data.views=2" in no_views.stderr and "Traceback" not in no_views.stderr
+    no_weight = run_cli("train", "mage", *BASE, f"data.tokenizer={tokenizer}", "data.views=2",
+                        "--run-dir", tmp_path / "bad2")
+    assert no_weight.returncode == 2 and "contrastive_weight" in no_weight.stderr
