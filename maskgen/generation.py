@@ -165,48 +165,19 @@ def edit_image(kind: str, ckpt: str | os.PathLike, image: str | os.PathLike, out
 
 
 # ------------------------------------------------------------------------------------------ features
-@torch.no_grad()
 def extract_features(ckpt: str | os.PathLike, data: str, out: str | os.PathLike, split: str = "train",
                      pool: str = "mean", image_size: int | None = None, batch_size: int = 64, limit: int = 0,
                      device: str = "cpu", progress: bool = True) -> Path:
-    """Features of every image of `data` (eval transform: resize + centre crop) into a safetensors file with
-    `features` float32 [N, D] and `labels` int64 [N] (-1 = unlabeled)."""
-    from .data.decode import BadImage, decode_image
-    from .data.sources import open_source
-    from .data.transforms import EvalTransform
-    from .weights import from_pretrained
+    """Features of every image of `data` (eval transform: resize + centre crop; see
+    `maskgen.eval.features.compute_features`) into a safetensors file with `features` float32 [N, D] and
+    `labels` int64 [N] (-1 = unlabeled)."""
+    from .eval.features import compute_features, load_encoder
 
-    model = from_pretrained(ckpt, device=device)
-    if not hasattr(model, "forward_features"):
-        raise UserError(f"{ckpt} holds a '{model.model_name}' model, which has no features to extract")
-    size = image_size or getattr(model.config, "image_size", None)
-    source = open_source(data, split)
-    n = min(len(source), limit) if limit else len(source)
-    transform = EvalTransform(size)
-    feats, labels, batch, batch_labels = [], [], [], []
-
-    def flush():
-        if batch:
-            feats.append(model.forward_features(torch.stack(batch).to(device), pool=pool).float().cpu())
-            labels.extend(batch_labels)
-            batch.clear()
-            batch_labels.clear()
-
-    for i in tqdm(range(n), unit="img", disable=not progress):
-        s = source[i]
-        try:
-            img = s.data if not isinstance(s.data, bytes) else decode_image(s.data)
-        except BadImage:
-            continue
-        batch.append(transform(img))
-        batch_labels.append(s.label)
-        if len(batch) == batch_size:
-            flush()
-    flush()
-    if not feats:
-        raise UserError(f"no readable image in {data}")
+    model = load_encoder(ckpt, device)
+    feats, labels = compute_features(model, data, split, pool=pool, image_size=image_size, batch_size=batch_size,
+                                     limit=limit, device=device, progress=progress)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": torch.cat(feats).contiguous(), "labels": torch.tensor(labels, dtype=torch.long)},
-              str(out), metadata={"ckpt": str(ckpt), "data": str(data), "split": split, "pool": pool})
+    save_file({"features": feats, "labels": labels}, str(out),
+              metadata={"ckpt": str(ckpt), "data": str(data), "split": split, "pool": pool})
     return out

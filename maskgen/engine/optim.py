@@ -1,4 +1,5 @@
-"""AdamW with MAE-style parameter groups and the per-step warm-up + half-cosine schedule."""
+"""AdamW with MAE-style parameter groups (or a method's own, e.g. layer-wise lr decay), LARS for linear probes,
+and the per-step warm-up + half-cosine schedule."""
 from __future__ import annotations
 
 import math
@@ -21,7 +22,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optimizer:
-    groups = [g for g in param_groups(model, optim_cfg.weight_decay) if g["params"]]
+    """AdamW over `model.optim_groups(weight_decay)` when the model defines it (groups may carry an `lr_scale`,
+    which `set_lr` applies), else over `param_groups`."""
+    groups = model.optim_groups(optim_cfg.weight_decay) if hasattr(model, "optim_groups") else \
+        param_groups(model, optim_cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
 
 
@@ -46,3 +51,44 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, min_lr
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in MAE's linear probe (`util/lars.py`; You et al. 2017), for parameters p with gradient g:
+
+        d = g + weight_decay * p                                   (ndim > 1 only)
+        d = d * trust_coefficient * ||p|| / ||d||                  (ndim > 1, both norms > 0; else d unchanged)
+        buf = momentum * buf + d ;  p = p - lr * buf
+
+    1-D parameters (biases, norms) get neither weight decay nor trust scaling."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    p_norm, d_norm = torch.norm(p), torch.norm(d)
+                    one = torch.ones_like(p_norm)
+                    q = torch.where(p_norm > 0, torch.where(d_norm > 0, group["trust_coefficient"] * p_norm / d_norm,
+                                                            one), one)
+                    d = d.mul(q)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+        return loss

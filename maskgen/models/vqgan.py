@@ -275,6 +275,15 @@ class VQGAN(nn.Module):
         return {"recon": self.decode_latent(z_q), "codes": codes,
                 "codebook_loss": codebook_loss, "commitment_loss": commitment_loss}
 
+    def forward_features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """Downstream features of the tokenizer, from the continuous latent z [B, z_channels, h, w] BEFORE
+        quantisation: pool="mean" -> its spatial mean [B, z_channels]; "none" -> the tokens
+        [B, h*w, z_channels]. images [B, in_channels, H, W] in [0, 1]. (There is no class token: "cls" is refused.)"""
+        if pool not in ("mean", "none"):
+            raise ValueError(f"the VQGAN tokenizer pools 'mean' or 'none', got {pool!r}")
+        z = self.encode_latent(images)
+        return z.mean((2, 3)) if pool == "mean" else z.flatten(2).transpose(1, 2)
+
     @torch.no_grad()
     def codebook_stats(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         """codes (any shape, long) -> {usage: fraction of the codebook that occurs, perplexity: exp(entropy of the

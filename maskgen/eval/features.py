@@ -1,0 +1,145 @@
+"""Frozen-encoder features of a labelled dataset, the input of the linear probe, kNN and few-shot evaluations.
+
+Images go through the evaluation transform (resize the shorter side, centre crop) and the model's
+`forward_features(images [B, 3, S, S] in [0, 1], pool) -> [B, D]`: MAGE (pool "mean": the official linear-probe
+features; "cls": the [C0] output), the VQGAN tokenizer ("mean": the mean continuous latent before quantisation)
+or the fine-tuned classifier.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+
+
+def load_encoder(ckpt: str | os.PathLike, device: str = "cpu") -> nn.Module:
+    """The model saved in `ckpt` (weights / checkpoint / run directory), in eval mode; it must have
+    `forward_features`. `model.trained_image_size` records `data.image_size` of the training run when the
+    checkpoint has its train_config.yaml (the tokenizer's config has no image size of its own)."""
+    import yaml
+
+    from ..engine.checkpoint import TRAIN_CONFIG_FILE
+    from ..weights import from_pretrained, resolve_weights_dir
+
+    model = from_pretrained(ckpt, device=device)
+    if not hasattr(model, "forward_features"):
+        raise UserError(f"{ckpt} holds a '{model.model_name}' model, which has no features to extract")
+    train_cfg = resolve_weights_dir(ckpt) / TRAIN_CONFIG_FILE
+    if train_cfg.is_file():
+        model.trained_image_size = (yaml.safe_load(train_cfg.read_text()) or {}).get("data", {}).get("image_size")
+    return model
+
+
+def model_image_size(model: nn.Module, image_size: int | None) -> int:
+    """The side of the images fed to `model`: `image_size`, checked against what the model accepts, or the
+    model's own `config.image_size` (else the image size it was trained at)."""
+    own = getattr(model.config, "image_size", None)
+    if image_size is None:
+        image_size = own or getattr(model, "trained_image_size", None)
+        if image_size is None:
+            raise UserError(f"the '{model.model_name}' model does not record its image size: pass --image-size")
+    if own is not None and image_size != own:
+        raise UserError(f"--image-size {image_size} does not match the model, which takes {own}x{own} images")
+    f = getattr(model.config, "downsample_factor", 1)
+    if image_size < f or image_size % f:
+        raise UserError(f"--image-size {image_size} must be a positive multiple of the model's downsampling "
+                        f"factor {f}")
+    return image_size
+
+
+@torch.no_grad()
+def compute_features(model: nn.Module, data: str, split: str, *, pool: str = "mean", image_size: int | None = None,
+                     batch_size: int = 64, limit: int = 0, device: str = "cpu",
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of the images of `data` (a folder, shards, 'cifar10' or 'mnist5k'; `split` for named sets):
+    (features float32 [N, D], labels int64 [N], -1 = unlabeled). `limit` > 0 takes the same fixed random subset
+    as `data.limit` in training (every class of a class-sorted source); unreadable images are skipped."""
+    from ..data.decode import BadImage, decode_image
+    from ..data.loader import subset
+    from ..data.sources import open_source
+    from ..data.transforms import EvalTransform
+
+    if pool not in ("mean", "cls"):
+        raise UserError(f"pool must be 'mean' or 'cls', got {pool!r}")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    transform = EvalTransform(model_image_size(model, image_size))
+    source = open_source(data, split)
+    model.eval()
+    feats, labels, batch, batch_labels = [], [], [], []
+
+    def flush():
+        if batch:
+            try:
+                out = model.forward_features(torch.stack(batch).to(device), pool=pool)
+            except ValueError as e:  # e.g. a pooling the model does not have
+                raise UserError(str(e)) from None
+            feats.append(out.float().cpu())
+            labels.extend(batch_labels)
+            batch.clear()
+            batch_labels.clear()
+
+    for i in tqdm(subset(len(source), limit), unit="img", desc=f"features {data}:{split}", disable=not progress):
+        s = source[i]
+        try:
+            img = s.data if not isinstance(s.data, bytes) else decode_image(s.data)
+        except BadImage:
+            continue
+        batch.append(transform(img))
+        batch_labels.append(s.label)
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    if not feats:
+        raise UserError(f"no readable image in {data}")
+    return torch.cat(feats).contiguous(), torch.tensor(labels, dtype=torch.long)
+
+
+def _cache_key(ckpt: str | os.PathLike, **fields) -> str:
+    """A hash of the resolved weights (path, size, mtime) and the extraction settings."""
+    from ..weights import WEIGHTS_FILE, resolve_weights_dir
+
+    weights = resolve_weights_dir(ckpt) / WEIGHTS_FILE
+    st = weights.stat()
+    text = json.dumps({"weights": str(weights.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, **fields},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_features(ckpt: str | os.PathLike, model: nn.Module, data: str, split: str, cache_dir: str | None,
+                    **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compute_features(model, data, split, **kwargs)`, read from / written to
+    `cache_dir/features-<hash>.safetensors` when `cache_dir` is given. The hash covers the checkpoint, data,
+    split, pool, image size and limit, so a changed checkpoint or setting is recomputed, never reused."""
+    if not cache_dir:
+        return compute_features(model, data, split, **kwargs)
+    data_id = str(Path(data).resolve()) if Path(data).exists() else data
+    key = _cache_key(ckpt, data=data_id, split=split, pool=kwargs.get("pool", "mean"),
+                     image_size=model_image_size(model, kwargs.get("image_size")), limit=kwargs.get("limit", 0))
+    path = Path(cache_dir) / f"features-{key}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return t["features"], t["labels"]
+    x, y = compute_features(model, data, split, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"features": x, "labels": y}, str(tmp), metadata={"ckpt": str(ckpt), "data": data_id, "split": split,
+                                                              "pool": kwargs.get("pool", "mean")})
+    tmp.replace(path)
+    return x, y
+
+
+def require_labels(labels: torch.Tensor, data: str) -> None:
+    """A probe needs every image labelled: raise a UserError naming `data` otherwise."""
+    if bool((labels < 0).any()):
+        n = int((labels < 0).sum())
+        raise UserError(f"{data} has {n} unlabeled image(s): evaluations need class labels (an image folder with one "
+                        f"sub-folder per class, shards with .cls members, 'cifar10' or 'mnist5k')")
