@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--pool", default="mean", choices=("mean", "cls"),
                     help="mean: LayerNorm of the mean image-token output (official linear probe); cls: [C] token")
     ft.add_argument("--batch-size", type=int, default=64)
-    ft.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
+    ft.add_argument("--limit", type=int, default=0, help="a fixed random subset of N images (0: all)")
     ft.add_argument("--device", default="cpu")
 
     cv = sub.add_parser("convert", help="import an official checkpoint as a maskgen weights folder")
@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "maskgen.from_pretrained(DIR) returns MAGE with its tokenizer attached.")
     mg.add_argument("--src", required=True, help="official .pth file")
     mg.add_argument("--out", required=True, help="output weights folder")
+
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
@@ -180,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "convert":
         out = api.convert(args.convert_command, args.src, args.out)
         print(f"wrote {out}")
+    elif args.command == "eval":
+        from .eval.cli import run_eval
+
+        return run_eval(args)
     return 0
 
 

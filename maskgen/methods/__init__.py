@@ -21,9 +21,10 @@ class MethodSpec:
 
 
 def _specs() -> dict[str, MethodSpec]:
+    from ..eval import finetune
     from . import mage, tokenizer
 
-    return {s.name: s for s in (tokenizer.SPEC, mage.SPEC)}
+    return {s.name: s for s in (tokenizer.SPEC, mage.SPEC, finetune.SPEC)}
 
 
 def method_names() -> list[str]:

@@ -1,0 +1,147 @@
+"""The fine-tuning model: a MAGE encoder + classification head (the official `VisionTransformerMage`).
+
+images [B, 3, S, S] in [0, 1] -> frozen VQGAN tokens [B, L] -> [C0] + tokens -> token embedding -> encoder
+blocks (all 1+L tokens, nothing masked; stochastic depth with rates rising linearly to `drop_path`) ->
+pool ("mean": fc_norm(mean of the L image-token outputs), a NEW trainable LayerNorm(eps 1e-6) as with
+`global_pool`, the pre-trained final `norm` dropped; "cls": the pre-trained `norm` of the [C0] output) -> Linear head [B, num_classes]
+(trunc_normal std 2e-5, bias 0). The decoder of the pre-trained MAGE is not part of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models.mage import MAGE, MAGEConfig, TokenEmbedding
+from ..models.registry import register_model
+from ..models.vit import Block
+
+TOKENIZER_DIR = "tokenizer"
+ENCODER_PREFIXES = ("token_emb.", "blocks.")
+
+
+@dataclass
+class MAGEClassifierConfig:
+    encoder: dict = field(default_factory=dict)  # the pre-trained MAGEConfig, as a dict
+    num_classes: int = 10
+    drop_path: float = 0.1
+    pool: str = "mean"
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch x [B, ...]: zero whole samples with probability `rate`, scale the
+    others by 1 / (1 - rate) (timm's DropPath)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+@register_model("mage-classifier", MAGEClassifierConfig)
+class MAGEClassifier(nn.Module):
+    def __init__(self, config: MAGEClassifierConfig):
+        super().__init__()
+        if config.pool not in ("mean", "cls"):
+            raise UserError(f"pool must be 'mean' or 'cls', got {config.pool!r}")
+        self.config = config
+        self.mage_config = c = MAGEConfig(**config.encoder)
+        self.__dict__["tokenizer"] = None  # frozen, not a sub-module (as in MAGE)
+        self.token_emb = TokenEmbedding(c.vocab_size, c.embed_dim, c.num_tokens + 1, c.dropout)
+        self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, drop=c.dropout, attn_drop=c.dropout)
+                                    for _ in range(c.depth))
+        # only the pooling's norm exists, so that every parameter gets a gradient (DDP)
+        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if config.pool == "cls" else None
+        self.fc_norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if config.pool == "mean" else None
+        self.head = nn.Linear(c.embed_dim, config.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+        self.drop_rates = torch.linspace(0, config.drop_path, c.depth).tolist() if c.depth else []
+
+    @property
+    def image_size(self) -> int:
+        return self.mage_config.image_size
+
+    @classmethod
+    def from_mage(cls, mage: MAGE, num_classes: int, drop_path: float = 0.1, pool: str = "mean") -> "MAGEClassifier":
+        """A classifier whose encoder (token_emb, blocks, norm) and tokenizer are those of `mage`."""
+        model = cls(MAGEClassifierConfig(dataclasses.asdict(mage.config), num_classes, drop_path, pool))
+        prefixes = ENCODER_PREFIXES + (("norm.",) if pool == "cls" else ())
+        state = {k: v for k, v in mage.state_dict().items() if k.startswith(prefixes)}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and {k.split(".")[0] for k in missing} == ({"head", "fc_norm"} if pool == "mean"
+                                                                           else {"head"}), missing
+        model.set_tokenizer(mage.tokenizer)
+        return model
+
+    def set_tokenizer(self, tok: nn.Module | None) -> None:
+        if tok is not None:
+            tok.requires_grad_(False).eval()
+        self.__dict__["tokenizer"] = tok
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer._apply(fn, *args, **kwargs)
+        return self
+
+    def save_attachments(self, directory: str | os.PathLike) -> None:
+        from ..weights import save_pretrained
+
+        if self.tokenizer is not None:
+            save_pretrained(self.tokenizer, Path(directory) / TOKENIZER_DIR)
+
+    def load_attachments(self, directory: str | os.PathLike) -> None:
+        from ..weights import from_pretrained
+
+        sub = Path(directory) / TOKENIZER_DIR
+        if (sub / "config.json").is_file():
+            self.set_tokenizer(from_pretrained(sub))
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay index (official `get_layer_id_for_vit`): token_emb 0, blocks.i i+1, the rest
+        (norm, fc_norm, head) depth+1."""
+        if name.startswith("token_emb."):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.mage_config.depth + 1
+
+    def forward_features(self, x: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """images [B, 3, S, S] in [0, 1] (or tokens [B, L] long) -> pooled features [B, D]; `pool` must be the
+        one the classifier was fine-tuned with (None: that one)."""
+        pool = pool or self.config.pool
+        if pool != self.config.pool:
+            raise ValueError(f"this classifier was fine-tuned with pool '{self.config.pool}', not '{pool}'")
+        if x.is_floating_point():
+            if self.tokenizer is None:
+                raise UserError("this classifier has no tokenizer attached, so it cannot read images")
+            with torch.no_grad():
+                x = self.tokenizer.encode(x)
+        tokens = x.reshape(x.shape[0], -1).long()
+        c = self.mage_config
+        cls_ids = torch.full((len(tokens), 1), c.cls_id, dtype=torch.long, device=tokens.device)
+        h = self.token_emb(torch.cat([cls_ids, tokens], 1))
+        for blk, rate in zip(self.blocks, self.drop_rates):
+            h = h + drop_path(blk.attn(blk.norm1(h)), rate, self.training)
+            h = h + drop_path(blk.mlp(blk.norm2(h)), rate, self.training)
+        if pool == "mean":
+            return self.fc_norm(h[:, 1:].mean(1))
+        return self.norm(h)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] (or tokens) -> logits [B, num_classes]."""
+        return self.head(self.forward_features(x))
+
+
+def check_compatible(mage: MAGE) -> None:
+    if not isinstance(mage, MAGE):
+        raise UserError(f"fine-tuning needs a MAGE checkpoint, got a '{getattr(mage, 'model_name', '?')}' model")
+    if mage.tokenizer is None:
+        raise UserError("the MAGE checkpoint has no tokenizer/ folder, so images cannot be tokenized")
+
+

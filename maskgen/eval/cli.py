@@ -1,0 +1,263 @@
+"""`maskgen eval ...`: the argparse code of the evaluation commands and what each runs.
+
+Every command prints a table on stdout and writes its result as JSON (--json, or a default file named in the
+table). Under torchrun, rank 0 does the work of the feature-based commands and the others exit at once;
+`eval finetune` runs through the training engine, which is distributed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+DATA_HELP = "image folder (class sub-folders), WebDataset shards, 'cifar10' or 'mnist5k'"
+
+
+def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
+    p.add_argument("--ckpt", required=True, help="MAGE or tokenizer weights / checkpoint / run directory")
+    p.add_argument("--data", required=True, help=f"training data: {DATA_HELP}")
+    p.add_argument("--split", default="train", help="split of a named --data set (default train)")
+    p.add_argument("--test-data", help="evaluation data (default: --data with --test-split; required for folders "
+                                       "and shards)")
+    p.add_argument("--test-split", default="test", help="split of a named test set (default test)")
+    p.add_argument("--pool", default="mean", choices=("mean", "cls"),
+                   help="mean: parameter-free LayerNorm of the mean token output (MAGE official; the tokenizer: "
+                        "mean latent); cls: the [C0] token")
+    p.add_argument("--image-size", type=int, help="image side fed to the model (default: the model's)")
+    p.add_argument("--limit", type=int, default=0, help="a fixed random subset of N training images (0: all)")
+    p.add_argument("--test-limit", type=int, default=0, help="a fixed random subset of N test images (0: all)")
+    p.add_argument("--batch-size", type=int, default=batch_default, help=f"default {batch_default}")
+    p.add_argument("--feature-batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--feature-cache", metavar="DIR",
+                   help="cache the features in DIR (safetensors, keyed by checkpoint, data, split, pool, size, limit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", help="result file (default: CKPT/eval/COMMAND.json)")
+
+
+def add_eval_parser(subparsers) -> None:
+    """Add `eval` and its five commands to the top-level subparsers."""
+    ev = subparsers.add_parser("eval", help="evaluate: linear probe, kNN, few-shot, fine-tuning, FID",
+                               description="Evaluate representations (linear-probe, knn, fewshot, finetune) or "
+                                           "generated images (fid). Each prints a table and writes JSON.")
+    sub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
+
+    lp = sub.add_parser("linear-probe", help="linear probe on frozen features (LARS, MAE/MAGE protocol)",
+                        description="Train BatchNorm1d(affine=False) + Linear on frozen features and report "
+                                    "top-1/top-5. Default (fast): features of centre crops computed once; "
+                                    "--augment: RandomResizedCrop + flip views every epoch (the paper protocol).")
+    _feature_args(lp, 256)
+    lp.add_argument("--epochs", type=int, default=90, help="default 90 (MAE/MAGE)")
+    lp.add_argument("--optimizer", default="lars", choices=("lars", "sgd", "adamw"))
+    lp.add_argument("--lr", type=float, help="absolute lr (default: blr x batch / 256)")
+    lp.add_argument("--blr", type=float, help="base lr (default: lars/sgd 0.1 as MAGE ViT-B, adamw 1e-3)")
+    lp.add_argument("--weight-decay", type=float, default=0.0)
+    lp.add_argument("--warmup-epochs", type=float, help="default epochs / 9 (10 of 90)")
+    lp.add_argument("--augment", action="store_true", help="train on augmented views through the frozen encoder")
+    lp.add_argument("--num-workers", type=int, default=0, help="data-loading workers of --augment")
+
+    kn = sub.add_parser("knn", help="weighted kNN on L2-normalised frozen features (k=20, T=0.07)",
+                        description="Each test image takes the k most cosine-similar training images, weighted "
+                                    "by exp(similarity / T), and predicts the class with the largest total weight.")
+    _feature_args(kn, 64)
+    kn.add_argument("--k", type=int, default=20)
+    kn.add_argument("--temperature", "-T", type=float, default=0.07)
+
+    fs = sub.add_parser("fewshot", help="N-shot ridge regression on frozen features (UMD protocol)",
+                        description="For each N of --shots and each seed: N images per class, features whitened "
+                                    "by the shots' mean/std, a bias feature, +-1 targets, closed-form ridge "
+                                    "(l2 1024); top-1 mean +- std over seeds.")
+    _feature_args(fs, 64)
+    fs.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
+    fs.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    fs.add_argument("--l2", type=float, default=1024.0, help="ridge penalty (UMD: 1024)")
+
+    ft = sub.add_parser("finetune", help="fine-tune a MAGE encoder end to end (training method 'finetune')",
+                        description="Fine-tune --ckpt on --data with layer-wise lr decay, drop path, label "
+                                    "smoothing and optional mixup/cutmix/RandAugment, through the training engine "
+                                    "(checkpoints, --resume auto, torchrun). The test set is evaluated at the end.",
+                        epilog="Every key of the 'finetune' method can be overridden: `maskgen config show "
+                               "finetune-tiny` lists them (model.layer_decay, model.drop_path, loss.mixup, ...).")
+    ft.add_argument("--ckpt", required=True, help="pre-trained MAGE weights / checkpoint / run directory")
+    ft.add_argument("--data", required=True, help=f"training data: {DATA_HELP}")
+    ft.add_argument("--split", default="train")
+    ft.add_argument("--test-data", help="evaluation data (default: --data with --test-split for named sets)")
+    ft.add_argument("--test-split", default="test")
+    ft.add_argument("--config", "-c", default="finetune-cifar10", help="preset or YAML (default finetune-cifar10; "
+                                                                      "finetune-tiny for a smoke run)")
+    ft.add_argument("--run-dir", help="output directory (default: runs/finetune-DATE-TIME)")
+    ft.add_argument("--resume", metavar="auto|DIR", help="'auto': continue the latest checkpoint of --run-dir")
+    ft.add_argument("--json", help="result file (default: RUN_DIR/eval/finetune.json)")
+    ft.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=50")
+
+    fd = sub.add_parser("fid", help="Frechet distance, IS, KID, precision/recall between two image sets",
+                        description="Compare --input1 (generated) with --input2 (reference). Standard FID/IS/KID "
+                                    "need the Inception weights locally (--inception-weights or torch-fidelity's "
+                                    "cache; nothing is downloaded); otherwise the offline EfficientNet-Lite0 "
+                                    "extractor is used and the numbers are named FD-lite0 / IS-lite0 / KD-lite0, "
+                                    "which are not comparable with FID.")
+    fd.add_argument("--input1", required=True, help="generated images: folder, shards, named set or a MAGE "
+                                                    "checkpoint (generates --num-gen images)")
+    fd.add_argument("--input2", required=True, help="reference: folder, shards, or cifar10-test, cifar10-train, "
+                                                    "mnist5k-test, ... (decoded losslessly, features cached)")
+    fd.add_argument("--extractor", default="auto", choices=("auto", "inception", "lite0"),
+                    help="auto: inception when its weights are available locally, else lite0")
+    fd.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's " 
+                    "weights-inception-2015-12-05-6726825d.pth")
+    fd.add_argument("--metrics", nargs="+", default=["fd", "is", "kid", "prc"], choices=("fd", "is", "kid", "prc"))
+    fd.add_argument("--image-size", type=int, help="resize (shorter side) + centre crop both sets to this size "
+                                                   "(default: as they are)")
+    fd.add_argument("--limit", type=int, default=0, help="a fixed random subset of N images of each set (0: all)")
+    fd.add_argument("--num-gen", type=int, default=1000, help="images generated from a checkpoint input")
+    fd.add_argument("--seed", type=int, default=0, help="seed of generated images")
+    fd.add_argument("--batch-size", type=int, default=64)
+    fd.add_argument("--cache-dir", help="reference feature cache (default ~/.cache/maskgen/fid)")
+    fd.add_argument("--device", default="cpu")
+    fd.add_argument("--json", help="result file (default: INPUT1/eval/fid.json for a checkpoint, else "
+                                   "runs/eval/fid-DATE-TIME.json)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run the `maskgen eval` command of `args`; returns the exit code."""
+    if args.eval_command == "finetune":
+        return _finetune(args)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 evaluates, the others have nothing to do
+        return 0
+    if args.eval_command == "fid":
+        return _fid(args)
+    return _feature_eval(args)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _test_source(args) -> tuple[str, str]:
+    from ..errors import UserError
+
+    if args.test_data:
+        return args.test_data, args.test_split
+    if args.data in ("cifar10", "mnist5k"):
+        return args.data, args.test_split
+    raise UserError(f"--test-data is required for {args.data} (only 'cifar10' and 'mnist5k' have a test split)")
+
+
+def _finish(title: str, rows: list, result: dict, json_path: str | Path) -> int:
+    from .report import format_table, write_json
+
+    path = write_json(json_path, result)
+    print(format_table(title, rows + [("json", str(path))]))
+    return 0
+
+
+def _feature_eval(args) -> int:
+    from .features import cached_features, load_encoder, require_labels
+
+    test_data, test_split = _test_source(args)
+    model = load_encoder(args.ckpt, args.device)
+    common = dict(pool=args.pool, image_size=args.image_size, batch_size=args.feature_batch_size, device=args.device,
+                  progress=_progress())
+    test_x, test_y = cached_features(args.ckpt, model, test_data, test_split, args.feature_cache,
+                                     limit=args.test_limit, **common)
+    require_labels(test_y, test_data)
+    info = {"ckpt": str(args.ckpt), "model": model.model_name, "data": args.data, "split": args.split,
+            "test_data": test_data, "test_split": test_split, "pool": args.pool}
+    json_path = args.json or Path(args.ckpt) / "eval" / f"{args.eval_command}.json"
+    if args.eval_command == "linear-probe" and args.augment:
+        from .linear_probe import train_linear_probe_augmented
+
+        r = train_linear_probe_augmented(model, args.data, args.split, test_x, test_y, **_probe_opts(args),
+                                         pool=args.pool, image_size=args.image_size, limit=args.limit,
+                                         num_workers=args.num_workers, device=args.device)
+        return _probe_report(args, r, info, json_path, "augmented views")
+    train_x, train_y = cached_features(args.ckpt, model, args.data, args.split, args.feature_cache, limit=args.limit,
+                                       **common)
+    require_labels(train_y, args.data)
+    if args.eval_command == "linear-probe":
+        from .linear_probe import train_linear_probe
+
+        r = train_linear_probe(train_x, train_y, test_x, test_y, **_probe_opts(args))
+        return _probe_report(args, r, info, json_path, "centre-crop features")
+    if args.eval_command == "knn":
+        from .knn import knn_classify
+
+        r = knn_classify(train_x, train_y, test_x, test_y, k=args.k, T=args.temperature)
+        rows = [("top1 (%)", r["top1"]), ("top5 (%)", r["top5"]), ("k / T", f"{r['k']} / {r['T']}"),
+                ("train / test images", f"{r['num_train']} / {r['num_test']}")]
+        return _finish(f"kNN of {args.ckpt} ({args.pool} pool) on {args.data}", rows, {**info, **r}, json_path)
+    from .fewshot import fewshot_eval
+
+    r = fewshot_eval(train_x, train_y, test_x, test_y, shots=args.shots, seeds=args.seeds, l2=args.l2)
+    rows = [(f"{n}-shot top1 (%)", f"{v['mean']:.2f} +- {v['std']:.2f}") for n, v in r["results"].items()]
+    rows += [("seeds / l2", f"{len(r['seeds'])} / {r['l2']:g}"), ("test images", len(test_y))]
+    return _finish(f"few-shot ridge of {args.ckpt} ({args.pool} pool) on {args.data}", rows, {**info, **r}, json_path)
+
+
+def _probe_opts(args) -> dict:
+    lr = args.lr if args.lr is not None or args.blr is None else args.blr * args.batch_size / 256
+    return dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer,
+                weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
+                progress=_progress())
+
+
+def _probe_report(args, r: dict, info: dict, json_path, path_name: str) -> int:
+    rows = [("top1 (%)", r["top1"]), ("top5 (%)", r["top5"]), ("train loss", r["train_loss"]),
+            ("epochs / batch / lr", f"{r['epochs']} / {r['batch_size']} / {r['lr']:.4g} ({r['optimizer']})"),
+            ("train / test images", f"{r['num_train']} / {r['num_test']}"),
+            ("classes / dim", f"{r['num_classes']} / {r['dim']}"), ("path", path_name)]
+    return _finish(f"linear probe of {args.ckpt} ({args.pool} pool) on {args.data}", rows,
+                   {**info, "augment": args.augment, **r}, json_path)
+
+
+def _finetune(args) -> int:
+    from ..config import build_config
+    from ..engine import dist
+    from ..engine.trainer import train
+    from ..errors import UserError
+    from ..weights import resolve_weights_dir
+    from .finetune import RESULT_FILE
+    from .report import write_json
+
+    test_data, test_split = _test_source(args)
+    meta = json.loads((resolve_weights_dir(args.ckpt) / "config.json").read_text())
+    if meta.get("model") != "mage":
+        raise UserError(f"{args.ckpt} holds a '{meta.get('model')}' model: fine-tuning needs a MAGE checkpoint")
+    overrides = [f"model.pretrained={args.ckpt}", f"data.path={args.data}", f"data.split={args.split}",
+                 f"data.image_size={meta['config']['image_size']}", f"loss.eval_data={test_data}",
+                 f"loss.eval_split={test_split}", *args.overrides]
+    run_dir = train(build_config("finetune", args.config, overrides), run_dir=args.run_dir, resume=args.resume)
+    if dist.env_world()[0] != 0:
+        return 0
+    result_file = run_dir / RESULT_FILE
+    if not result_file.is_file():  # stopped by a signal before the final evaluation
+        print(f"fine-tuning stopped before its evaluation; resume with --resume auto --run-dir {run_dir}")
+        return 0
+    r = json.loads(result_file.read_text())
+    if args.json:
+        write_json(args.json, r)
+    from .report import format_table
+
+    print(format_table(f"fine-tuning of {args.ckpt} on {args.data}", [
+        ("top1 (%)", r["top1"]), ("top5 (%)", r["top5"]), ("steps", r["step"]),
+        ("eval images", f"{r['num_eval']} ({r['eval_data']}:{r['eval_split']})"), ("run dir", str(run_dir)),
+        ("json", str(args.json or result_file))]))
+    return 0
+
+
+def _fid(args) -> int:
+    from .fid import evaluate_fid
+    from .image_sets import is_checkpoint
+
+    r = evaluate_fid(args.input1, args.input2, extractor=args.extractor, inception_weights=args.inception_weights,
+                     metrics=args.metrics, image_size=args.image_size, limit=args.limit, num_gen=args.num_gen,
+                     seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir, device=args.device,
+                     progress=_progress())
+    json_path = args.json or (Path(args.input1) / "eval" / "fid.json" if is_checkpoint(args.input1) else
+                              Path("runs") / "eval" / f"fid-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    names = {"inception": "Inception-V3 (standard FID)", "lite0": "EfficientNet-Lite0 (FD-lite0, not FID)"}
+    rows = [(k, v) for k, v in r.items() if isinstance(v, float)]
+    rows += [("extractor", names[r["extractor"]]), ("images", f"{r['num1']} vs {r['num2']}")]
+    return _finish(f"{args.input1} vs {args.input2}", rows, r, json_path)

@@ -1,0 +1,128 @@
+"""The two image sets of `maskgen eval fid`: folders, shards, named datasets, or a MAGE model that generates.
+
+Every set yields uint8 batches [B, 3, H, W] (one H, W per set). Images of a named dataset ('cifar10-test',
+'mnist5k-train', ...) are decoded once from their source files to RGB pixels and passed on in memory, never
+re-encoded (in particular never re-JPEG'd: a lossy copy of the reference shifts FID, MAGE issue #8).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from ..errors import UserError
+
+log = logging.getLogger("maskgen")
+NAMED = ("cifar10", "mnist5k")
+SPLITS = ("train", "test")
+
+
+def parse_named(spec: str) -> tuple[str, str] | None:
+    """'cifar10-test' -> ('cifar10', 'test'); 'cifar10' -> ('cifar10', 'train'); anything else -> None."""
+    name, _, split = spec.partition("-")
+    if name in NAMED and (split in SPLITS or not split) and not Path(spec).exists():
+        return name, split or "train"
+    return None
+
+
+def _fit(img: Image.Image, size: int | None, target: tuple[int, int] | None) -> Image.Image:
+    """Resize the shorter side to `size` + centre crop (when size is given), else resize to `target` (w, h)."""
+    if size:
+        img = TF.center_crop(TF.resize(img, size, TF.InterpolationMode.BICUBIC), [size, size])
+    elif target is not None and img.size != target:
+        img = img.resize(target, Image.BICUBIC)
+    return img
+
+
+class SourceImages:
+    """Images of a `maskgen.data.sources` source (folder, shards, named dataset), labels ignored."""
+
+    def __init__(self, spec: str, image_size: int | None = None, limit: int = 0):
+        from ..data.loader import subset
+        from ..data.sources import open_source
+
+        named = parse_named(spec)
+        if named is None and not Path(spec).exists() and ".tar" not in spec and "{" not in spec:
+            raise UserError(f"image set not found: {spec} (a folder, shards, {', '.join(NAMED)}[-train|-test], or "
+                            f"a MAGE checkpoint)")
+        self.source = open_source(*named) if named else open_source(spec)
+        self.indices = subset(len(self.source), limit)
+        self.name, self.image_size, self.limit = spec, image_size, limit
+        self.cache_id = f"{named[0]}-{named[1]}" if named else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        from ..data.decode import BadImage, decode_image
+
+        target, batch, resized = None, [], 0
+        for i in self.indices:
+            s = self.source[i]
+            try:
+                img = s.data if not isinstance(s.data, bytes) else decode_image(s.data)
+            except BadImage as e:
+                log.warning("skipped unreadable image %s (%s)", s.name, e)
+                continue
+            target = target or (None if self.image_size else img.size)
+            resized += int(not self.image_size and img.size != target)
+            batch.append(torch.from_numpy(np.asarray(_fit(img.convert("RGB"), self.image_size, target)).copy())
+                         .permute(2, 0, 1))
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+        if resized:
+            log.warning("%s: %d images differ in size from the first one and were resized to %dx%d (use --image-size "
+                        "to resize every image the same way)", self.name, resized, *target)
+
+
+class GeneratedImages:
+    """`num_images` images generated from scratch by a MAGE checkpoint (MaskGIT decoding, image i seeded by
+    (seed, i) as `maskgen generate`)."""
+
+    def __init__(self, ckpt: str, num_images: int, seed: int = 0, num_iter: int = 12,
+                 choice_temperature: float = 4.5, device: str = "cpu"):
+        from ..generation import load_generator_model
+
+        if num_images < 2:
+            raise UserError("--num-gen must be at least 2 to generate images from a model")
+        self.model = load_generator_model(ckpt, device)
+        self.name, self.num_images, self.seed, self.device = ckpt, num_images, seed, device
+        self.num_iter, self.choice_temperature = num_iter, choice_temperature
+        self.cache_id = None
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    @torch.no_grad()
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        from ..generation import _generators
+        from ..sampling.maskgit import generate
+
+        for first in range(0, self.num_images, batch_size):
+            n = min(batch_size, self.num_images - first)
+            codes = generate(self.model, n, self.num_iter, self.choice_temperature, 1.0,
+                             generator=_generators(self.seed, first, n, self.device))
+            images = self.model.decode_tokens(codes).float().cpu()
+            yield (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def is_checkpoint(spec: str) -> bool:
+    """Whether `spec` is a weights / checkpoint / run directory rather than a folder of images."""
+    p = Path(spec)
+    return p.is_dir() and ((p / "config.json").is_file() or (p / "checkpoints").is_dir())
+
+
+def open_image_set(spec: str, image_size: int | None = None, limit: int = 0, num_gen: int = 1000, seed: int = 0,
+                   device: str = "cpu"):
+    """A folder / shards / named dataset (SourceImages) or a MAGE checkpoint (GeneratedImages, `num_gen` images)."""
+    if is_checkpoint(spec):
+        return GeneratedImages(spec, num_gen, seed, device=device)
+    return SourceImages(spec, image_size, limit)
