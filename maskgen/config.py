@@ -39,7 +39,8 @@ class DataConfig:
                           choices=("pretrain", "eval"))
     crop_scale: list[float] = option([0.2, 1.0], "RandomResizedCrop area range (MAE/MAGE: 0.2-1.0)")
     interpolation: str = option("bicubic", "resampling filter", choices=("bicubic", "bilinear", "nearest"))
-    hflip: bool = option(True, "random horizontal flip (pretrain augmentation)")
+    hflip: bool = option(True, "random horizontal flip (pretrain augmentation; with a token cache: whether its "
+                               "flipped views are drawn)")
     color_jitter: float = option(0.0, "SimCLR colour-jitter strength s (brightness/contrast/saturation 0.8s, hue "
                                       "0.2s, applied with p 0.8; pretrain augmentation of images, not of a token "
                                       "cache); 0: off", min=0.0)
@@ -78,8 +79,9 @@ class TrainConfig:
     max_steps: int = option(0, "stop after this many optimizer steps (0: run all epochs); the lr schedule "
                                 "still follows `epochs`", min=0)
     seed: int = option(0, "global seed (data order, augmentation, masking, dropout)")
-    precision: str = option("bf16", "fp32, bf16 autocast, or fp16 autocast + GradScaler (CUDA only)",
-                            choices=("fp32", "bf16", "fp16"))
+    precision: str = option("auto", "auto (bf16 where it is faster: CUDA with bf16, or a CPU with native bf16 "
+                                    "matmuls; else fp32), fp32, bf16 autocast, or fp16 autocast + GradScaler "
+                                    "(CUDA only)", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = option("auto", "auto (CUDA when available), cpu, cuda", choices=("auto", "cpu", "cuda"))
     ema_decay: float = option(0.0, "EMA of the weights (0: off), saved as ema.safetensors", min=0.0, max=1.0)
     save_every: int = option(1000, "save a checkpoint every N optimizer steps (and at the end)", min=1)

@@ -244,10 +244,14 @@ class CachedTokens:
     """A dataset in the loader's key protocol over a TokenCache:
     `dataset[(epoch, index)]` -> {"tokens": LongTensor [h, w], "label": int, "index": int}, where the
     (view, flip) pair is drawn uniformly from the 2K stored ones by a generator keyed by (seed, epoch, index).
-    With views=2, "tokens2" holds a second, different (view, flip) pair of the same image."""
+    With views=2, "tokens2" holds a second, different (view, flip) pair of the same image. hflip=False draws
+    from the K unflipped views only (data whose mirror image is not a valid sample, such as digits)."""
 
-    def __init__(self, cache: TokenCache, seed: int, views: int = 1):
-        self.cache, self.seed, self.views = cache, seed, views
+    def __init__(self, cache: TokenCache, seed: int, views: int = 1, hflip: bool = True):
+        self.cache, self.seed, self.views, self.hflip = cache, seed, views, hflip
+        if views > (2 if hflip else 1) * cache.views:
+            raise UserError(f"data.views={views} needs at least {views} distinct cached views per image; the "
+                            f"token cache holds {cache.views}{' (+ flips)' if hflip else ''}")
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -255,7 +259,8 @@ class CachedTokens:
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
-        choices = torch.randperm(2 * self.cache.views, generator=g)[: self.views].tolist()
+        choices = torch.randperm(2 * self.cache.views, generator=g)[: self.views].tolist() if self.hflip else \
+            [2 * v for v in torch.randperm(self.cache.views, generator=g)[: self.views].tolist()]
         item = {"tokens": self.cache.tokens(index, choices[0] // 2, bool(choices[0] % 2)),
                 "label": int(self.cache.labels[index]), "index": index}
         if self.views == 2:

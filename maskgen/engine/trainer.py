@@ -31,6 +31,7 @@ from .checkpoint import TRAIN_CONFIG_FILE, latest_checkpoint, load_checkpoint, s
 from .ema import EMA
 from .logger import RunLogger, progress_bar, setup_logging
 from .optim import build_optimizer, effective_lr, lr_at, set_lr
+from .precision import resolve_precision
 
 log = logging.getLogger("maskgen")
 
@@ -47,6 +48,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
         raise UserError("train.precision=fp16 needs CUDA (fp16 on CPU is ~1000x slower); use bf16 or fp32")
     dist.init(device, cfg.dist.backend, cfg.dist.timeout_s)
     try:
+        # every rank uses rank 0's choice (timings differ between processes); config.yaml records it
+        cfg.train.precision = dist.broadcast_object(resolve_precision(cfg.train.precision, device))
         return Trainer(cfg, device, run_dir, resume).run()
     finally:
         dist.cleanup()
@@ -131,7 +134,7 @@ class Trainer:
             cache = TokenCache(data.token_cache)
             cache.check(tokenizer=getattr(self.release, "tokenizer", None), image_size=data.image_size,
                         crop_scale=data.crop_scale, interpolation=data.interpolation)
-            return CachedTokens(cache, self.cfg.train.seed, data.views), f"token cache {data.token_cache} ({len(cache)} images, " \
+            return CachedTokens(cache, self.cfg.train.seed, data.views, data.hflip), f"token cache {data.token_cache} ({len(cache)} images, " \
                 f"{cache.views} views + flips)"
         source = open_source(data.path, data.split)
         return AugmentedImages(source, build_transform(data), self.cfg.train.seed, data.views), source.description
