@@ -1,13 +1,17 @@
 """Reconstruction quality of a trained tokenizer on a test split: PSNR, codebook usage and perplexity.
 
     python benchmarks/tokenizer_quality.py --ckpt runs/tok [--data cifar10 --split test --image-size 32]
+        [--save-recon DIR]   # also write every reconstruction as DIR/NNNNNN.png (for `maskgen eval fid`)
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from pathlib import Path
+
 import torch
+from torchvision.utils import save_image
 from tqdm import tqdm
 
 from common import report
@@ -25,6 +29,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--name", default="tokenizer_quality", help="results/NAME.json")
+    ap.add_argument("--save-recon", help="write the reconstructions as PNG files into this folder")
     args = ap.parse_args()
     model = from_pretrained(args.ckpt).eval()
     source = open_source(args.data, args.split)
@@ -43,6 +48,11 @@ def main() -> None:
             y = model.decode(codes)
         mse = (y - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
         psnrs.append(-10 * torch.log10(mse))
+        if args.save_recon:
+            out = Path(args.save_recon)
+            out.mkdir(parents=True, exist_ok=True)
+            for j, img in enumerate(y.clamp(0, 1)):
+                save_image(img, out / f"{start + j:06d}.png")
         counts += torch.bincount(codes.flatten(), minlength=k).float()
     p = counts / counts.sum()
     perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, UserError
-from ..models.mage import MAGE, MAGEConfig, save_mage
+from ..models.mage import MAGE, MAGEConfig
 from ..models.vqgan import VQGAN
-from ..weights import safe_torch_load
+from ..weights import safe_torch_load, save_pretrained
 from .common import check_state_dict, first_keys
 from .vqgan import MAGE_PREFIX, infer_config
 
@@ -142,11 +142,11 @@ def convert_mage(src: str | os.PathLike, out: str | os.PathLike, num_heads: int 
     """Convert the official MAGE checkpoint `src` into the weights directory `out` (returned).
 
     `out` holds the MAGE model (`model.safetensors`, `config.json`) and the tokenizer (`out/tokenizer/`);
-    `maskgen.models.mage.load_mage(out)` returns the model with its tokenizer attached. `num_heads` /
+    `maskgen.from_pretrained(out)` returns the model with its tokenizer attached. `num_heads` /
     `decoder_num_heads` are needed only for widths of no official model."""
     try:
         model = build_from_state_dict(read_checkpoint(src), num_heads, decoder_num_heads)
     except UserError as e:
         msg = str(e)
         raise UserError(msg if msg.startswith(str(src)) else f"{src}: {msg}") from None
-    return save_mage(model, out)
+    return save_pretrained(model, out)

@@ -1,8 +1,9 @@
 """Choosing the training precision: `train.precision=auto` picks bf16 autocast only where it is faster.
 
-On CPUs without native bf16 matmul units (e.g. AVX2-only x86), bf16 autocast is not 2x faster but one to three
-orders of magnitude slower (measured on such a CPU: fp32 matmul ~40 GFLOP/s per core, bf16 ~0.16). `auto` times
-a small matmul in both and keeps fp32 unless bf16 wins; an explicit `bf16` that would be slower gets a warning.
+On CPUs without native bf16 matmul units (e.g. AVX2-only x86), bf16 autocast is not 2x faster but about 10x
+slower (measured on such a CPU, one core: fp32 `F.linear` ~80-90 GFLOP/s, bf16 ~10; a MAGE training step 13x
+slower). `auto` times a small `F.linear` (the kernel of nn.Linear) in both and keeps fp32 unless bf16 wins; an
+explicit `bf16` that would be slower gets a warning.
 """
 from __future__ import annotations
 
@@ -10,24 +11,24 @@ import logging
 import time
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("maskgen")
 
 
-def _matmul_seconds(dtype: torch.dtype, n: int = 128, reps: int = 3) -> float:
+def _matmul_seconds(dtype: torch.dtype, n: int = 256, reps: int = 3) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b  # warm-up
+    F.linear(a, b)  # warm-up
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        a @ b
+        F.linear(a, b)
         best = min(best, time.perf_counter() - t)
     return best
 
 
 def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16 time of a 128x128 matmul on this CPU (> 1: bf16 is faster). Takes milliseconds
-    where bf16 is fast and up to ~0.1 s where it is emulated."""
+    """fp32 time / bf16 time of a 256x256 F.linear on this CPU (> 1: bf16 is faster); a few milliseconds."""
     return _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
 
 

@@ -89,12 +89,15 @@ def num_classes_of(data: str, split: str) -> int:
 class FinetuneMethod(Method):
     def __init__(self, cfg):
         super().__init__()
-        from ..models.mage import load_mage
+        from ..models.mage import MAGE
+        from ..weights import from_pretrained
 
         m = cfg.model
         if not m.pretrained:
             raise ConfigError("model.pretrained is required: the MAGE checkpoint to fine-tune (--ckpt)")
-        mage = load_mage(m.pretrained)
+        mage = from_pretrained(m.pretrained)
+        if not isinstance(mage, MAGE):
+            raise ConfigError(f"{m.pretrained} holds a '{mage.model_name}' model; fine-tuning needs a MAGE model")
         check_compatible(mage)
         if cfg.data.image_size != mage.config.image_size:
             raise ConfigError(f"data.image_size={cfg.data.image_size} but the MAGE model takes "

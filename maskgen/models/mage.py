@@ -17,7 +17,7 @@ do not exist here.
 The tokenizer travels with the model but is not part of it: `model.tokenizer` holds an optional frozen
 VQGAN that is NOT a registered sub-module (absent from state_dict / parameters / the optimizer); it follows
 `.to()` / `.cuda()` / `.float()` and is saved in the `tokenizer/` sub-folder of a weights directory by
-`save_mage` (or `save_attachments`) and re-attached by `load_mage` (or `load_attachments`).
+`weights.save_pretrained` (through `save_attachments`) and re-attached by `maskgen.from_pretrained`.
 """
 from __future__ import annotations
 
@@ -269,7 +269,7 @@ class MAGE(nn.Module):
         """images [B, 3, H, W] in [0, 1] -> codes [B, h, w] (long) with the attached tokenizer."""
         if self.tokenizer is None:
             raise UserError("this MAGE model has no tokenizer attached: pass tokens, or attach one with "
-                            "model.set_tokenizer(vqgan) (models loaded with load_mage get theirs)")
+                            "model.set_tokenizer(vqgan) (models loaded with maskgen.from_pretrained get theirs)")
         return self.tokenizer.encode(images)
 
     @torch.no_grad()
@@ -429,33 +429,3 @@ class MAGE(nn.Module):
             return F.layer_norm(h[:, 1:].mean(1), (h.shape[-1],), eps=1e-6)
         h = self.norm(h)
         return h[:, 0] if pool == "cls" else h
-
-
-# ------------------------------------------------------------------------------- saving / loading
-def save_mage(model: MAGE, directory: str | os.PathLike, **kwargs) -> Path:
-    """`save_pretrained(model, directory, **kwargs)` plus the tokenizer in `directory/tokenizer/`."""
-    from ..weights import save_pretrained
-
-    directory = Path(directory)
-    sub = directory / TOKENIZER_DIR
-    if sub.exists():
-        shutil.rmtree(sub)
-    out = save_pretrained(model, directory, **kwargs)
-    if not (sub / "config.json").exists():  # weights.save_pretrained did not write attachments itself
-        model.save_attachments(out)
-    return out
-
-
-def load_mage(path: str | os.PathLike, ema: bool = False, device: str | torch.device = "cpu") -> MAGE:
-    """The MAGE model saved in `path` (weights / checkpoint / run directory), in eval mode, with the
-    tokenizer of its `tokenizer/` sub-folder attached when there is one."""
-    from ..weights import from_pretrained, resolve_weights_dir
-
-    directory = resolve_weights_dir(path)
-    model = from_pretrained(directory, ema=ema, device=device)
-    if not isinstance(model, MAGE):
-        raise UserError(f"{directory} holds a '{getattr(model, 'model_name', type(model).__name__)}' model, "
-                        f"not MAGE")
-    if model.tokenizer is None:
-        model.load_attachments(directory)
-    return model

@@ -11,8 +11,9 @@ from maskgen.convert.mage import DROPPED_KEYS, convert_mage, split_state_dict
 from maskgen.engine.optim import param_groups
 from maskgen.errors import UserError
 from maskgen.masking import token_masks
-from maskgen.models.mage import MAGE, MAGEConfig, load_mage
+from maskgen.models.mage import MAGE, MAGEConfig
 from maskgen.models.vqgan import VQGAN, VQGANConfig
+from maskgen.weights import from_pretrained
 
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "reference" / "checkpoints" / "official_mage_vitb_state_dict.json"
 DEAD = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "mask_token",
@@ -124,7 +125,7 @@ def tiny(tmp_path_factory):
     src = tmp_path_factory.mktemp("src") / "mage-tiny.pth"
     torch.save({"model": sd}, src)
     out = convert_mage(src, tmp_path_factory.mktemp("out") / "mage", num_heads=2, decoder_num_heads=4)
-    return sd, load_mage(out)
+    return sd, from_pretrained(out)
 
 
 def test_tiny_conversion_matches_the_reference(tiny):
@@ -189,7 +190,7 @@ def test_converter_refuses_pickle_payloads_and_accepts_bare_state_dicts(tmp_path
         convert_mage(tmp_path / "pickled.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     torch.save(sd, tmp_path / "bare.pth")
-    model = load_mage(convert_mage(tmp_path / "bare.pth", tmp_path / "out2", num_heads=2, decoder_num_heads=4))
+    model = from_pretrained(convert_mage(tmp_path / "bare.pth", tmp_path / "out2", num_heads=2, decoder_num_heads=4))
     assert torch.equal(model.state_dict()["mlm_layer.bias"], sd["mlm_layer.bias"])
     with pytest.raises(UserError, match="not a MAGE checkpoint"):
         torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}}, tmp_path / "tok.pth")
@@ -204,7 +205,7 @@ def vitb(tmp_path_factory):
     torch.save({"model": sd}, src)
     out = convert_mage(src, tmp_path_factory.mktemp("out") / "mage-vitb")
     src.unlink()
-    return sd, out, load_mage(out)
+    return sd, out, from_pretrained(out)
 
 
 def test_vitb_conversion(vitb):

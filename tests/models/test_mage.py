@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from maskgen.engine.optim import param_groups
 from maskgen.errors import ConfigError, UserError
-from maskgen.models.mage import MAGE, MAGEConfig, load_mage, save_mage
+from maskgen.models.mage import MAGE, MAGEConfig
 from maskgen.models.registry import create_model
 from maskgen.models.vit import Block
 from maskgen.models.vqgan import VQGAN, VQGANConfig
-from maskgen.weights import from_pretrained
+from maskgen.weights import from_pretrained, save_pretrained
 
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "reference" / "checkpoints" / "official_mage_vitb_state_dict.json"
 DEAD = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "mask_token",
@@ -269,19 +269,17 @@ def test_tokenizer_travels_with_the_model_but_is_not_part_of_it(model, tmp_path)
     assert model.loss(images, generator=gen())[0].item() == model.loss(codes, generator=gen())[0].item()
     assert model.decode_tokens(codes.view(2, 16)).shape == (2, 3, 32, 32)
 
-    out = save_mage(model, tmp_path / "mage")
+    out = save_pretrained(model, tmp_path / "mage")
     assert (out / "tokenizer" / "model.safetensors").is_file() and (out / "model.safetensors").is_file()
-    loaded = load_mage(out)
+    loaded = from_pretrained(out)
     assert isinstance(loaded, MAGE) and not loaded.training and loaded.tokenizer is not None
     for k, v in tok.state_dict().items():
         assert torch.equal(loaded.tokenizer.state_dict()[k], v), k
     assert torch.equal(loaded.forward_features(images), model.forward_features(images))
-    # the plain weights loader returns the model; attachments are the job of load_mage (or a weights.py hook)
-    assert isinstance(from_pretrained(out), MAGE)
     # saving without a tokenizer removes a stale one
     model.tokenizer = None
-    save_mage(model, out)
-    assert not (out / "tokenizer").exists() and load_mage(out).tokenizer is None
+    save_pretrained(model, out)
+    assert not (out / "tokenizer").exists() and from_pretrained(out).tokenizer is None
 
 
 def test_tokenizer_must_fit(model):
