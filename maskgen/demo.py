@@ -188,7 +188,9 @@ def _write_report(run: Path, probe: dict, seconds: dict, curves: dict, max_steps
         f"| MAGE, pre-trained | {probe['mage']['top1']:.1f} | {probe['mage']['top5']:.1f} |",
         f"| same MAGE, untrained | {probe['untrained']['top1']:.1f} | {probe['untrained']['top5']:.1f} |",
         "", "## Training loss", "", "![loss curves](loss_curves.png)", "",
-        "Final logged loss: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()) + ".",
+        "Final logged loss: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()) + ". The tokenizer's loss "
+        "includes MaskGIT's codebook-entropy term (a negative number), so it may end below zero; MAGE's starts near "
+        "ln(codebook size).",
         "", "Reproduce or extend: `maskgen config show mage-demo`; runs, checkpoints and metrics are in "
         "`tokenizer/` and `mage/`.",
     ]
