@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchvision.utils import make_grid, save_image
-
 from torch import nn
+from torchvision.utils import make_grid, save_image
 
 from ..config import option
 from ..errors import ConfigError, UserError
