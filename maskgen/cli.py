@@ -131,11 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
-    dm = sub.add_parser("demo", help="end-to-end demo: tokenizer + MAGE on the embedded MNIST digits (~10 min, CPU)",
+    dm = sub.add_parser("demo", help="end-to-end demo: tokenizer + MAGE on the embedded MNIST digits (~8 min on 2 CPU cores)",
                         description="Train a small VQGAN tokenizer and a small MAGE from scratch on the embedded "
                                     "MNIST digits (mnist5k), then generate digits, inpaint test digits, run a "
                                     "linear probe and write RUN_DIR/report.md with the images, the probe accuracy "
-                                    "and the loss curves. About 10 minutes on 2 CPU cores. Run it again with the "
+                                    "and the loss curves. About 8 minutes on 2 CPU cores. Run it again with the "
                                     "same --run-dir to resume an interrupted demo.",
                         epilog="presets: tokenizer-demo, mage-demo (`maskgen config show mage-demo`)")
     dm.add_argument("--run-dir", default="runs/demo", help="output directory (default runs/demo)")
