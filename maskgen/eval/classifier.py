@@ -9,19 +9,17 @@ pool ("mean": fc_norm(mean of the L image-token outputs), a NEW trainable LayerN
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models.frozen_tokenizer import FrozenTokenizerMixin
 from ..models.mage import MAGE, MAGEConfig, TokenEmbedding
 from ..models.registry import register_model
 from ..models.vit import Block
 
-TOKENIZER_DIR = "tokenizer"
 ENCODER_PREFIXES = ("token_emb.", "blocks.")
 
 
@@ -43,14 +41,13 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 @register_model("mage-classifier", MAGEClassifierConfig)
-class MAGEClassifier(nn.Module):
+class MAGEClassifier(FrozenTokenizerMixin, nn.Module):
     def __init__(self, config: MAGEClassifierConfig):
         super().__init__()
         if config.pool not in ("mean", "cls"):
             raise UserError(f"pool must be 'mean' or 'cls', got {config.pool!r}")
         self.config = config
         self.mage_config = c = MAGEConfig(**config.encoder)
-        self.__dict__["tokenizer"] = None  # frozen, not a sub-module (as in MAGE)
         self.token_emb = TokenEmbedding(c.vocab_size, c.embed_dim, c.num_tokens + 1, c.dropout)
         self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, drop=c.dropout, attn_drop=c.dropout)
                                     for _ in range(c.depth))
@@ -77,30 +74,6 @@ class MAGEClassifier(nn.Module):
                                                                            else {"head"}), missing
         model.set_tokenizer(mage.tokenizer)
         return model
-
-    def set_tokenizer(self, tok: nn.Module | None) -> None:
-        if tok is not None:
-            tok.requires_grad_(False).eval()
-        self.__dict__["tokenizer"] = tok
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer._apply(fn, *args, **kwargs)
-        return self
-
-    def save_attachments(self, directory: str | os.PathLike) -> None:
-        from ..weights import save_pretrained
-
-        if self.tokenizer is not None:
-            save_pretrained(self.tokenizer, Path(directory) / TOKENIZER_DIR)
-
-    def load_attachments(self, directory: str | os.PathLike) -> None:
-        from ..weights import from_pretrained
-
-        sub = Path(directory) / TOKENIZER_DIR
-        if (sub / "config.json").is_file():
-            self.set_tokenizer(from_pretrained(sub))
 
     def layer_id(self, name: str) -> int:
         """Layer-wise lr decay index (official `get_layer_id_for_vit`): token_emb 0, blocks.i i+1, the rest

@@ -17,15 +17,13 @@ do not exist here.
 The tokenizer travels with the model but is not part of it: `model.tokenizer` holds an optional frozen
 VQGAN that is NOT a registered sub-module (absent from state_dict / parameters / the optimizer); it follows
 `.to()` / `.cuda()` / `.float()` and is saved in the `tokenizer/` sub-folder of a weights directory by
-`weights.save_pretrained` (through `save_attachments`) and re-attached by `maskgen.from_pretrained`.
+`weights.save_pretrained` (through `save_attachments`) and re-attached by `maskgen.from_pretrained`
+(`frozen_tokenizer.FrozenTokenizerMixin`, shared with the fine-tuning classifier).
 """
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +32,10 @@ from torch import nn
 from ..config import option
 from ..errors import ConfigError, UserError
 from ..masking import TruncatedNormalRatio, token_masks
+from .frozen_tokenizer import FrozenTokenizerMixin
 from .registry import register_model
 from .vit import Block, init_vit_weights
 
-TOKENIZER_DIR = "tokenizer"
 
 # The official class-conditional vocabulary (MaskGIT's): codebook, 1000 legacy class rows, then [MASK].
 _LEGACY_CLASS_ROWS = 1000
@@ -168,7 +166,7 @@ class MlmLayer(nn.Module):
 
 
 @register_model("mage", MAGEConfig)
-class MAGE(nn.Module):
+class MAGE(FrozenTokenizerMixin, nn.Module):
     """MAGE encoder-decoder over VQGAN tokens; see the module docstring for the data flow.
 
     Token inputs are LongTensors [B, L] or [B, h, w] (h = w = token_grid) of codes in [0, codebook_size);
@@ -179,7 +177,6 @@ class MAGE(nn.Module):
     def __init__(self, config: MAGEConfig):
         super().__init__()
         self.config = c = config
-        self.__dict__["_tokenizer"] = None  # not a sub-module: see `tokenizer`
         self.token_emb = TokenEmbedding(c.vocab_size, c.embed_dim, c.num_tokens + 1, c.dropout)
         self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, drop=c.dropout, attn_drop=c.dropout)
                                     for _ in range(c.depth))
@@ -205,64 +202,16 @@ class MAGE(nn.Module):
         init_vit_weights(self)
 
     # ------------------------------------------------------------------------------------ tokenizer
-    @property
-    def tokenizer(self) -> nn.Module | None:
-        """The frozen VQGAN (or None). Not a registered sub-module: it is in neither `state_dict()` nor
-        `parameters()`, is never trained, and is kept in eval mode; `.to()` and friends move it too."""
-        return self.__dict__["_tokenizer"]
-
-    @tokenizer.setter
-    def tokenizer(self, tok: nn.Module | None) -> None:
-        self.set_tokenizer(tok)
-
-    def set_tokenizer(self, tok: nn.Module | None) -> "MAGE":
-        """Attach (or detach with None) a tokenizer with `encode(images) -> codes [B, h, w]` and
-        `decode(codes) -> images`; its codebook size and grid must fit the config. Returns self."""
-        if tok is not None:
-            tcfg = getattr(tok, "config", None)
-            k = getattr(tcfg, "codebook_size", None)
-            if k is not None and k != self.config.codebook_size:
-                raise UserError(f"tokenizer has {k} codes but the MAGE model expects {self.config.codebook_size}")
-            f = getattr(tcfg, "downsample_factor", None)
-            if f is not None and f * self.config.token_grid != self.config.image_size:
-                raise UserError(f"tokenizer downsamples by {f}: image_size {self.config.image_size} would give a "
-                                f"{self.config.image_size // f}-token grid, the model expects {self.config.token_grid}")
-            tok.requires_grad_(False).eval()
-            ref = next(iter(self.parameters()), None)
-            if ref is not None and ref.device.type != "meta":
-                tok.to(ref.device)
-        self.__dict__["_tokenizer"] = tok
-        return self
-
-    def __setattr__(self, name, value):
-        if name == "tokenizer":  # nn.Module.__setattr__ would register a Module value as a sub-module
-            self.set_tokenizer(value)
-        else:
-            super().__setattr__(name, value)
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer._apply(fn, *args, **kwargs)
-        return self
-
-    def save_attachments(self, directory: str | os.PathLike) -> None:
-        """Write the tokenizer (if any) as a weights directory `directory/tokenizer/`, replacing an old one."""
-        from ..weights import save_pretrained
-
-        sub = Path(directory) / TOKENIZER_DIR
-        if sub.exists():
-            shutil.rmtree(sub)
-        if self.tokenizer is not None:
-            save_pretrained(self.tokenizer, sub)
-
-    def load_attachments(self, directory: str | os.PathLike) -> None:
-        """Attach the tokenizer saved in `directory/tokenizer/`, if there is one."""
-        from ..weights import from_pretrained
-
-        sub = Path(directory) / TOKENIZER_DIR
-        if (sub / "config.json").is_file():
-            self.set_tokenizer(from_pretrained(sub))
+    def check_tokenizer(self, tok: nn.Module) -> None:
+        """The tokenizer's codebook size and token grid must fit the config (see FrozenTokenizerMixin)."""
+        tcfg = getattr(tok, "config", None)
+        k = getattr(tcfg, "codebook_size", None)
+        if k is not None and k != self.config.codebook_size:
+            raise UserError(f"tokenizer has {k} codes but the MAGE model expects {self.config.codebook_size}")
+        f = getattr(tcfg, "downsample_factor", None)
+        if f is not None and f * self.config.token_grid != self.config.image_size:
+            raise UserError(f"tokenizer downsamples by {f}: image_size {self.config.image_size} would give a "
+                            f"{self.config.image_size // f}-token grid, the model expects {self.config.token_grid}")
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
