@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from common import report
 from maskgen.data.decode import decode_image
 from maskgen.data.sources import open_source
 from maskgen.data.transforms import EvalTransform
+from maskgen.progress import progress_bar
 from maskgen.weights import from_pretrained
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     k = model.config.codebook_size
     counts = torch.zeros(k)
     psnrs = []
-    for start in tqdm(range(0, len(source), args.batch_size), unit="batch"):
+    for start in progress_bar(range(0, len(source), args.batch_size), unit="batch", desc="reconstruct"):
         batch = []
         for i in range(start, min(start + args.batch_size, len(source))):
             d = source[i].data

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
         out = cache_tokens(args.tokenizer, args.data, args.out, image_size=args.image_size, views=args.views,
                            split=args.split, crop_scale=tuple(args.crop_scale), batch_size=args.batch_size,
-                           seed=args.seed, device=args.device, progress=sys.stderr.isatty())
+                           seed=args.seed, device=args.device)
         print(f"wrote {out}")
     elif args.command == "generate":
         from .generation import generate_images
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.max_steps < 0 or args.num_images < 1:
             raise UserError("--max-steps must be >= 0 and --num-images >= 1")
-        run_demo(args.run_dir, args.max_steps, args.num_images, args.device, progress=sys.stderr.isatty())
+        run_demo(args.run_dir, args.max_steps, args.num_images, args.device)
     elif args.command == "eval":
         from .eval.cli import run_eval
 

@@ -13,9 +13,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from safetensors.torch import save_file
 from torchvision.utils import make_grid, save_image
-from tqdm.auto import tqdm
 
 from .errors import UserError
+from .progress import progress_bar
 from .sampling.maskgit import inpaint_tokens, token_region, generate as maskgit_generate
 
 EDIT_KINDS = ("inpaint", "outpaint", "uncrop")
@@ -34,7 +34,7 @@ def load_generator_model(ckpt: str | os.PathLike, device: str = "cpu"):
     return model
 
 
-def _generators(seed: int, first: int, count: int, device) -> list[torch.Generator]:
+def per_image_generators(seed: int, first: int, count: int, device) -> list[torch.Generator]:
     """One generator per image, seeded by (seed, image index): image i is the same whatever the batch size."""
     from .data.loader import mix_seed
 
@@ -51,11 +51,11 @@ def generate_images(ckpt: str | os.PathLike, out: str | os.PathLike, num_images:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     grid = []
-    with tqdm(total=num_images, unit="img", disable=not progress) as bar:
+    with progress_bar(total=num_images, unit="img", desc="generate", enabled=progress) as bar:
         for first in range(0, num_images, batch_size):
             n = min(batch_size, num_images - first)
             codes = maskgit_generate(model, n, num_iter, choice_temperature, temperature,
-                                     generator=_generators(seed, first, n, device))
+                                     generator=per_image_generators(seed, first, n, device))
             images = model.decode_tokens(codes).float().cpu()
             for i, img in enumerate(images):
                 save_image(img, out / f"{first + i:06d}.png")
@@ -153,7 +153,7 @@ def edit_image(kind: str, ckpt: str | os.PathLike, image: str | os.PathLike, out
         codes = model.encode_images(masked[None].to(device))
         tokens = token_region(region, f, dilate=dilate)
         codes = inpaint_tokens(model, codes, tokens, num_iter, choice_temperature, temperature,
-                               generator=_generators(seed, 0, 1, device))
+                               generator=per_image_generators(seed, 0, 1, device))
         result = model.decode_tokens(codes)[0].float().cpu()
     result = torch.where(region, result, x)
     out = Path(out)

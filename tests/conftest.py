@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
@@ -48,6 +49,27 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"maskgen {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_worker(worker: Path, *args, nproc: int = 1, timeout: float = 300) -> None:
+    """Run a test worker script alone (nproc 1) or under `torchrun --standalone` (a free port) with `nproc`
+    processes on gloo; fail with the end of its stderr."""
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+              if nproc > 1 else [sys.executable])
+    proc = subprocess.run([*launch, str(worker), *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def ddp_vs_single_weights(ddp: Path, single: Path) -> float:
+    """For the `rank{r}.safetensors` files that tests/engine/ddp_worker.py writes: assert that the two DDP ranks
+    hold identical weights (lock-step) and return the largest |difference| between rank 0 and the one-process run."""
+    from safetensors.torch import load_file
+
+    r0, r1 = (load_file(str(ddp / f"rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    one = load_file(str(single / "rank0.safetensors"))
+    return max((r0[k] - one[k]).abs().max().item() for k in r0)
 
 
 def png_bytes(img) -> bytes:

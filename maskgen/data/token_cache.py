@@ -28,10 +28,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 from ..errors import UserError
 from ..models.registry import model_config_dict
+from ..progress import progress_bar
 from ..weights import from_pretrained
 from .decode import BadImage, decode_image
 from .loader import mix_seed
@@ -113,8 +113,7 @@ def write_token_cache(tokenizer: nn.Module, source, out: str | os.PathLike, view
     source_index = torch.empty(n, dtype=torch.int64)
     images_per_chunk = max(1, batch_size // (2 * views))
     rows, skipped = 0, 0
-    with torch.no_grad(), tqdm(total=n, unit="img", desc="cache-tokens", disable=not progress,
-                               dynamic_ncols=True, mininterval=0.5) as bar:
+    with torch.no_grad(), progress_bar(total=n, unit="img", desc="cache-tokens", enabled=progress) as bar:
         for start in range(0, n, images_per_chunk):
             chunk, chunk_labels, chunk_index = [], [], []
             for i in range(start, min(start + images_per_chunk, n)):

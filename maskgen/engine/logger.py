@@ -1,12 +1,10 @@
-"""Run logging on rank 0: `metrics.jsonl` (one JSON object per logged step), TensorBoard events, a progress bar."""
+"""Run logging on rank 0: `metrics.jsonl` (one JSON object per logged step), TensorBoard events."""
 from __future__ import annotations
 
 import json
 import logging
 import sys
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 log = logging.getLogger("maskgen")
 
@@ -72,8 +70,3 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def progress_bar(total: int, initial: int, enabled: bool):
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                mininterval=0.5, file=sys.stderr)

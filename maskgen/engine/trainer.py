@@ -26,10 +26,11 @@ from ..data.transforms import build_transform
 from ..errors import UserError
 from ..methods import get_method
 from ..methods.base import HookContext
+from ..progress import progress_bar
 from . import dist
 from .checkpoint import TRAIN_CONFIG_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .ema import EMA
-from .logger import RunLogger, progress_bar, setup_logging
+from .logger import RunLogger, setup_logging
 from .optim import build_optimizer, effective_lr, lr_at, set_lr
 from .precision import resolve_precision
 
@@ -217,7 +218,8 @@ class Trainer:
                      self.total_steps, self.steps_per_epoch,
                      f", stopping at step {self.stop_step}" if self.stop_step < self.total_steps else "")
         batches = iter(self.loader)
-        bar = progress_bar(self.stop_step, self.step, self.main and cfg.log.progress)
+        bar = progress_bar(total=self.stop_step, initial=self.step, unit="step",
+                           enabled=self.main and cfg.log.progress)
         window, window_images, window_start, bad_steps = {}, 0, time.perf_counter(), 0
         stopped_by = None
         with _StopFlag() as stop:
@@ -237,9 +239,10 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     metrics["img_per_s"] = window_images * self.world / max(elapsed, 1e-9)
                     metrics["epoch"] = self.step / self.steps_per_epoch
+                    metrics["wall_time"] = time.time()  # Unix seconds: elapsed time across resumes
                     self.logger.log(self.step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                    img_s=f"{metrics['img_per_s']:.0f}")
+                                    img_s=f"{metrics['img_per_s']:.0f}", refresh=False)
                     window, window_images, window_start = {}, 0, time.perf_counter()
                 if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
                     self._run_hooks()

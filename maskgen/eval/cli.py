@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -131,10 +130,6 @@ def run_eval(args: argparse.Namespace) -> int:
     return _feature_eval(args)
 
 
-def _progress() -> bool:
-    return sys.stderr.isatty()
-
-
 def _test_source(args) -> tuple[str, str]:
     from ..errors import UserError
 
@@ -158,8 +153,7 @@ def _feature_eval(args) -> int:
 
     test_data, test_split = _test_source(args)
     model = load_encoder(args.ckpt, args.device)
-    common = dict(pool=args.pool, image_size=args.image_size, batch_size=args.feature_batch_size, device=args.device,
-                  progress=_progress())
+    common = dict(pool=args.pool, image_size=args.image_size, batch_size=args.feature_batch_size, device=args.device)
     test_x, test_y = cached_features(args.ckpt, model, test_data, test_split, args.feature_cache,
                                      limit=args.test_limit, **common)
     require_labels(test_y, test_data)
@@ -199,8 +193,7 @@ def _feature_eval(args) -> int:
 def _probe_opts(args) -> dict:
     lr = args.lr if args.lr is not None or args.blr is None else args.blr * args.batch_size / 256
     return dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer,
-                weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
-                progress=_progress())
+                weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed)
 
 
 def _probe_report(args, r: dict, info: dict, json_path, path_name: str) -> int:
@@ -253,8 +246,7 @@ def _fid(args) -> int:
 
     r = evaluate_fid(args.input1, args.input2, extractor=args.extractor, inception_weights=args.inception_weights,
                      metrics=args.metrics, image_size=args.image_size, limit=args.limit, num_gen=args.num_gen,
-                     seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir, device=args.device,
-                     progress=_progress())
+                     seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir, device=args.device)
     json_path = args.json or (Path(args.input1) / "eval" / "fid.json" if is_checkpoint(args.input1) else
                               Path("runs") / "eval" / f"fid-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     names = {"inception": "Inception-V3 (standard FID)", "lite0": "EfficientNet-Lite0 (FD-lite0, not FID)"}

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..progress import progress_bar
 
 
 def load_encoder(ckpt: str | os.PathLike, device: str = "cpu") -> nn.Module:
@@ -87,7 +87,7 @@ def compute_features(model: nn.Module, data: str, split: str, *, pool: str = "me
             batch.clear()
             batch_labels.clear()
 
-    for i in tqdm(subset(len(source), limit), unit="img", desc=f"features {data}:{split}", disable=not progress):
+    for i in progress_bar(subset(len(source), limit), unit="img", desc=f"features {data}:{split}", enabled=progress):
         s = source[i]
         try:
             img = s.data if not isinstance(s.data, bytes) else decode_image(s.data)

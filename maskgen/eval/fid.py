@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..progress import progress_bar
 from .frechet import frechet_distance_features
 from .image_sets import GeneratedImages, open_image_set
 
@@ -121,8 +121,8 @@ def set_features(image_set, extractor, batch_size: int, cache_dir: Path | None,
             t = load_file(str(cache))
             return t["features"], t["logits"]
     feats, logits = [], []
-    for images in tqdm(image_set.batches(batch_size), total=-(-len(image_set) // batch_size), unit="batch",
-                       desc=f"{extractor.name} features {image_set.name}", disable=not progress):
+    for images in progress_bar(image_set.batches(batch_size), total=-(-len(image_set) // batch_size), unit="batch",
+                               desc=f"{extractor.name} features {image_set.name}", enabled=progress):
         f, lg = extractor(images)
         feats.append(f)
         logits.append(lg)

@@ -103,13 +103,13 @@ class GeneratedImages:
 
     @torch.no_grad()
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        from ..generation import _generators
+        from ..generation import per_image_generators
         from ..sampling.maskgit import generate
 
         for first in range(0, self.num_images, batch_size):
             n = min(batch_size, self.num_images - first)
             codes = generate(self.model, n, self.num_iter, self.choice_temperature, 1.0,
-                             generator=_generators(self.seed, first, n, self.device))
+                             generator=per_image_generators(self.seed, first, n, self.device))
             images = self.model.decode_tokens(codes).float().cpu()
             yield (images * 255).round().clamp(0, 255).to(torch.uint8)
 

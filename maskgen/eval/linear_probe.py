@@ -17,10 +17,10 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..engine.optim import LARS, lr_at, set_lr
 from ..errors import UserError
+from ..progress import progress_bar
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
 DEFAULT_BLR = {"lars": 0.1, "sgd": 0.1, "adamw": 1e-3}
@@ -80,7 +80,7 @@ def fit_head(head: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
     total = epochs * steps_per_epoch
     warmup = round((epochs / 9 if warmup_epochs is None else warmup_epochs) * steps_per_epoch)
     step, last = 0, float("nan")
-    bar = tqdm(range(epochs), unit="epoch", desc="linear probe", disable=not progress)
+    bar = progress_bar(range(epochs), unit="epoch", desc="linear probe", enabled=progress)
     for epoch in bar:
         head.train()
         losses = []
@@ -95,7 +95,7 @@ def fit_head(head: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
         last = sum(losses) / max(1, len(losses))
         if not math.isfinite(last):
             raise UserError(f"the probe's loss became {last} in epoch {epoch}: lower --lr / --blr")
-        bar.set_postfix(loss=f"{last:.4f}")
+        bar.set_postfix(loss=f"{last:.4f}", refresh=False)
     return last
 
 

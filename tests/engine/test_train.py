@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import maskgen
 from maskgen.models.vqgan import VQGAN
 
-from conftest import REPO, run_cli
+from conftest import REPO, ddp_vs_single_weights, run_cli, run_worker
 
 pytestmark = pytest.mark.slow
 TINY = ["--config", "tokenizer-tiny", "data.path=cifar10", "data.limit=128"]
@@ -97,17 +97,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_two_process_ddp_matches_single_process(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     common = ["data.path=cifar10", "data.limit=128", "train.max_steps=4", "optim.clip_grad=0"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(tmp_path / "ddp"), "train.batch_size=4", *common]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(worker), str(tmp_path / "single"), "train.batch_size=8", *common],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
-    one = load_file(str(tmp_path / "single" / "rank0.safetensors"))
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # ranks stay in lock-step
-    worst = max((r0[k] - one[k]).abs().max().item() for k in r0)
+    run_worker(worker, tmp_path / "ddp", "train.batch_size=4", *common, nproc=2)
+    run_worker(worker, tmp_path / "single", "train.batch_size=8", *common)
+    worst = ddp_vs_single_weights(tmp_path / "ddp", tmp_path / "single")
     assert worst < 1e-4, worst
     ddp_losses, single_losses = losses(tmp_path / "ddp" / "run"), losses(tmp_path / "single" / "run")
     assert ddp_losses.keys() == single_losses.keys()

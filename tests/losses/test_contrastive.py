@@ -1,7 +1,5 @@
 """MAGE-C's InfoNCE: the NT-Xent formula, its value at chance, and gradients through the cross-rank gather."""
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ from safetensors.torch import load_file
 
 from maskgen.losses.contrastive import info_nce
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import run_worker
 
 
 def nt_xent_reference(z1, z2, t):
@@ -45,13 +43,8 @@ def test_chance_level_and_perfect_pairs():
 @pytest.mark.dist
 def test_two_ranks_give_the_single_process_gradient(tmp_path):
     worker = Path(__file__).with_name("contrastive_worker.py")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(worker), str(tmp_path / "two.safetensors")], cwd=REPO, capture_output=True,
-                         text=True, timeout=180)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(worker), str(tmp_path / "one.safetensors")], cwd=REPO,
-                         capture_output=True, text=True, timeout=180)
-    assert one.returncode == 0, one.stderr[-3000:]
+    run_worker(worker, tmp_path / "two.safetensors", nproc=2, timeout=180)
+    run_worker(worker, tmp_path / "one.safetensors", timeout=180)
     a, b = load_file(str(tmp_path / "two.safetensors")), load_file(str(tmp_path / "one.safetensors"))
     assert torch.allclose(a["stats"], b["stats"], atol=1e-6)
     assert b["grad"].abs().max() > 1e-3

@@ -1,8 +1,6 @@
 """The tokenizer method's losses: G/D gradient isolation, disc_start, adaptive weight, entropy guard, what is
 saved; short training runs with the GAN + perceptual terms (exact resume, two-process DDP)."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from maskgen.methods.tokenizer import TokenizerLossConfig, TokenizerMethod, code
 from maskgen.models.vqgan import VQGANConfig
 from maskgen.weights import safe_torch_load
 
-from conftest import REPO
+from conftest import REPO, ddp_vs_single_weights, run_worker
 
 MODEL = dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, codebook_size=16, norm_groups=8)
 GAN = dict(disc="patch", disc_layers=2, disc_channels=8)
@@ -220,17 +218,9 @@ def test_two_process_ddp_with_gan_r1_and_perceptual_matches_one_process(tmp_path
     common = ["data.limit=32", "train.max_steps=2", "optim.clip_grad=0", "loss.disc=stylegan",
               "loss.disc_channels=8", "loss.disc_start=0", "loss.r1_weight=10", "loss.perceptual=lite0",
               "loss.perceptual_size=32", "loss.entropy_weight=0.1", "log.progress=false"]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(worker), str(tmp_path / "ddp"), "train.batch_size=2", *common],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(worker), str(tmp_path / "single"), "train.batch_size=4", *common],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
-    one = load_file(str(tmp_path / "single" / "rank0.safetensors"))
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # ranks stay in lock-step
-    worst = max((r0[k] - one[k]).abs().max().item() for k in r0)
+    run_worker(worker, tmp_path / "ddp", "train.batch_size=2", *common, nproc=2)
+    run_worker(worker, tmp_path / "single", "train.batch_size=4", *common)
+    worst = ddp_vs_single_weights(tmp_path / "ddp", tmp_path / "single")
     assert worst < 1e-4, worst
     a, b = final_state(tmp_path / "ddp" / "run"), final_state(tmp_path / "single" / "run")
     assert any(k.startswith("disc.") for k in a)
@@ -248,11 +238,8 @@ def test_two_process_ddp_with_gan_r1_and_perceptual_matches_one_process(tmp_path
 @pytest.mark.dist
 def test_two_process_code_restarts_stay_in_lock_step(tmp_path):
     worker = REPO / "tests" / "engine" / "ddp_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(tmp_path), "data.limit=32", "train.batch_size=2", "train.max_steps=2", "loss.restart_every=1",
-           "log.progress=false"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_worker(worker, tmp_path, "data.limit=32", "train.batch_size=2", "train.max_steps=2", "loss.restart_every=1",
+               "log.progress=false", nproc=2)
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert "code_usage" in final_state(tmp_path / "run")
