@@ -25,13 +25,13 @@ def machine() -> str:
     return f"{cpu}; {dev}; torch {torch.__version__}; {torch.get_num_threads()} threads"
 
 
-def timeit(fn, min_time: float = 3.0, warmup: int = 2) -> float:
-    """Seconds per call of fn(), the median of repeated runs lasting at least `min_time` in total."""
+def timeit(fn, min_time: float = 3.0, warmup: int = 2, min_calls: int = 3) -> float:
+    """Seconds per call of fn(), the median of at least `min_calls` timed runs lasting `min_time` in total."""
     for _ in range(warmup):
         fn()
     times = []
     start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 3:
+    while time.perf_counter() - start < min_time or len(times) < min_calls:
         t0 = time.perf_counter()
         fn()
         if torch.cuda.is_available():
