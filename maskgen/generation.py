@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torchvision.transforms.functional as TF
@@ -34,11 +35,24 @@ def load_generator_model(ckpt: str | os.PathLike, device: str = "cpu"):
     return model
 
 
-def per_image_generators(seed: int, first: int, count: int, device) -> list[torch.Generator]:
+def _per_image_generators(seed: int, first: int, count: int, device) -> list[torch.Generator]:
     """One generator per image, seeded by (seed, image index): image i is the same whatever the batch size."""
     from .data.loader import mix_seed
 
     return [torch.Generator(device).manual_seed(mix_seed(seed, first + i)) for i in range(count)]
+
+
+@torch.no_grad()
+def generated_batches(model, num_images: int, batch_size: int, seed: int = 0, num_iter: int = 12,
+                      choice_temperature: float = 4.5, temperature: float = 1.0,
+                      device: str = "cpu") -> Iterator[torch.Tensor]:
+    """MaskGIT generation from scratch in batches: images [n, 3, H, W] in [0, 1] on the CPU, image i seeded by
+    (seed, i), so the images do not depend on batch_size."""
+    for first in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - first)
+        codes = maskgit_generate(model, n, num_iter, choice_temperature, temperature,
+                                 generator=_per_image_generators(seed, first, n, device))
+        yield model.decode_tokens(codes).float().cpu()
 
 
 def generate_images(ckpt: str | os.PathLike, out: str | os.PathLike, num_images: int, seed: int = 0,
@@ -52,15 +66,13 @@ def generate_images(ckpt: str | os.PathLike, out: str | os.PathLike, num_images:
     out.mkdir(parents=True, exist_ok=True)
     grid = []
     with progress_bar(total=num_images, unit="img", desc="generate", enabled=progress) as bar:
-        for first in range(0, num_images, batch_size):
-            n = min(batch_size, num_images - first)
-            codes = maskgit_generate(model, n, num_iter, choice_temperature, temperature,
-                                     generator=per_image_generators(seed, first, n, device))
-            images = model.decode_tokens(codes).float().cpu()
+        batches = generated_batches(model, num_images, batch_size, seed, num_iter, choice_temperature, temperature,
+                                    device)
+        for first, images in zip(range(0, num_images, batch_size), batches):
             for i, img in enumerate(images):
                 save_image(img, out / f"{first + i:06d}.png")
             grid.extend(images[: max(0, 64 - len(grid))])
-            bar.update(n)
+            bar.update(len(images))
     save_image(make_grid(torch.stack(grid), nrow=8), out / "grid.png")
     return out
 
@@ -153,7 +165,7 @@ def edit_image(kind: str, ckpt: str | os.PathLike, image: str | os.PathLike, out
         codes = model.encode_images(masked[None].to(device))
         tokens = token_region(region, f, dilate=dilate)
         codes = inpaint_tokens(model, codes, tokens, num_iter, choice_temperature, temperature,
-                               generator=per_image_generators(seed, 0, 1, device))
+                               generator=_per_image_generators(seed, 0, 1, device))
         result = model.decode_tokens(codes)[0].float().cpu()
     result = torch.where(region, result, x)
     out = Path(out)

@@ -101,16 +101,11 @@ class GeneratedImages:
     def __len__(self) -> int:
         return self.num_images
 
-    @torch.no_grad()
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        from ..generation import per_image_generators
-        from ..sampling.maskgit import generate
+        from ..generation import generated_batches
 
-        for first in range(0, self.num_images, batch_size):
-            n = min(batch_size, self.num_images - first)
-            codes = generate(self.model, n, self.num_iter, self.choice_temperature, 1.0,
-                             generator=per_image_generators(self.seed, first, n, self.device))
-            images = self.model.decode_tokens(codes).float().cpu()
+        for images in generated_batches(self.model, self.num_images, batch_size, self.seed, self.num_iter,
+                                        self.choice_temperature, device=self.device):
             yield (images * 255).round().clamp(0, 255).to(torch.uint8)
 
 
