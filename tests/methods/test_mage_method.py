@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import maskgen
 from maskgen.config import build_config
+from maskgen.eval.image_sets import GeneratedImages, open_image_set
 from maskgen.models.mage import MAGE
 from maskgen.models.vqgan import VQGAN
 from maskgen.weights import save_pretrained
@@ -90,6 +91,11 @@ def test_generate_is_seeded_and_batch_independent(trained, tmp_path):
         assert np.abs(read("a", i).astype(int) - read("b", i)).mean() < 1.0
     assert any(not np.array_equal(read("a", i), read("c", i)) for i in range(3))
     assert (tmp_path / "a" / "grid.png").is_file()
+    # the image set that `maskgen eval fid --input1 CKPT --num-gen N` scores is what `maskgen generate` writes
+    assert isinstance(open_image_set(str(trained), num_gen=3), GeneratedImages)
+    scored = torch.cat(list(GeneratedImages(str(trained), 3, seed=0, num_iter=3).batches(3))).permute(0, 2, 3, 1).numpy().astype(int)
+    written = np.stack([read("a", i) for i in range(3)]).astype(int)
+    assert np.abs(scored - written).max() <= 1 and (scored != written).mean() < 0.01  # <=1: rounding of .5
 
 
 def test_edit_inpaint_keeps_outside_pixels(trained, tmp_path):
