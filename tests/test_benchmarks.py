@@ -37,3 +37,17 @@ def test_mage_throughput_tiny(tmp_path):
     assert by_source["images"]["GFLOP/step"] > by_source["tokens"]["GFLOP/step"]
     assert by_source["images"]["batch"] == by_source["tokens"]["batch"] == 8
     assert by_source["scratch"]["batch"] == 4
+
+
+def test_tokenizer_train_step_tiny(tmp_path):
+    out = tmp_path / "train_step"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "tokenizer_train_step.py"), "--config", "tokenizer-tiny",
+           "train.batch_size=4", "--precisions", "fp32", "--rounds", "2", "--min-time", "0.05", "--name", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["precision"], r["memory format"]) for r in rows] == [("fp32", "contiguous"), ("fp32", "channels_last")]
+    assert all(r["img/s"] > 0 and r["batch"] == 4 and r["px"] == 32 for r in rows)
+    assert rows[0]["vs NCHW"] == 1.0 and rows[1]["vs NCHW"] > 0
+    assert "memory format" in proc.stdout and "vs NCHW" in proc.stdout

@@ -51,6 +51,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     try:
         # every rank uses rank 0's choice (timings differ between processes); config.yaml records it
         cfg.train.precision = dist.broadcast_object(resolve_precision(cfg.train.precision, device))
+        if cfg.train.memory_format == "auto":
+            cfg.train.memory_format = "channels_last" if cfg.train.precision == "bf16" else "contiguous"
         return Trainer(cfg, device, run_dir, resume).run()
     finally:
         dist.cleanup()
@@ -93,6 +95,8 @@ class Trainer:
         # method, then data (a token cache is checked against the method's tokenizer)
         torch.manual_seed(tc.seed)  # parameter initialisation: identical on every rank
         self.method = get_method(cfg.method).build(cfg).to(device)
+        self.memory_format = torch.channels_last if tc.memory_format == "channels_last" else torch.contiguous_format
+        self.method.to(memory_format=self.memory_format)  # 4-D weights only; the saved weights are made contiguous
         self.release = self.method.release_model()
         dataset, self.source_description = self._dataset()
         self.loader = ResumableLoader(dataset, tc.batch_size, tc.seed, self.rank, self.world,
@@ -285,7 +289,7 @@ class Trainer:
         for micro in range(tc.accum_steps):
             batch = self._next_batch(batches)
             images += len(batch["label"])
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            batch = {k: self._to_device(v) for k, v in batch.items() if torch.is_tensor(v)}
             batch["step"] = self.step
             seed = mix_seed(tc.seed, self.rank, self.step, micro)
             torch.manual_seed(seed)  # dropout / masking: a function of (seed, rank, step), hence exact resume
@@ -317,6 +321,11 @@ class Trainer:
         logs["grad_norm"] = grad_norm
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
         return logs, images, ok
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on the training device; images [B, C, H, W] in the training memory format."""
+        t = t.to(self.device, non_blocking=True)
+        return t.contiguous(memory_format=self.memory_format) if t.dim() == 4 and t.is_floating_point() else t
 
     def _reduce_window(self, window: dict, n_steps: int) -> dict:
         """Mean over the window's steps and over ranks."""

@@ -104,3 +104,37 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     ddp_losses, single_losses = losses(tmp_path / "ddp" / "run"), losses(tmp_path / "single" / "run")
     assert ddp_losses.keys() == single_losses.keys()
     assert all(abs(ddp_losses[s] - single_losses[s]) < 1e-5 for s in ddp_losses)
+
+
+def test_channels_last_trains_like_contiguous_and_resumes_exactly(tmp_path):
+    """train.memory_format=channels_last changes the layout, not the maths: the same losses as NCHW up to conv
+    rounding, contiguous weights on disk, and a bit-exact resume. `auto` is NCHW in fp32 (recorded resolved)."""
+    nchw, nhwc, resumed = tmp_path / "nchw", tmp_path / "nhwc", tmp_path / "resumed"
+    run_cli("train", "tokenizer", *TINY, "train.max_steps=6", "--run-dir", nchw, check=True)
+    assert "memory_format: contiguous" in (nchw / "config.yaml").read_text()  # auto, resolved for fp32
+    last = ["train.memory_format=channels_last"]
+    run_cli("train", "tokenizer", *TINY, "train.max_steps=6", *last, "--run-dir", nhwc, check=True)
+    assert "memory_format: channels_last" in (nhwc / "config.yaml").read_text()
+    a, b = losses(nchw), losses(nhwc)
+    assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-3 for s in a), (a, b)
+    run_cli("train", "tokenizer", *TINY, "train.max_steps=3", "train.save_every=3", *last, "--run-dir", resumed,
+            check=True)
+    run_cli("train", "tokenizer", *TINY, "train.max_steps=6", *last, "--run-dir", resumed, "--resume", "auto",
+            check=True)
+    assert losses(resumed) == b
+    w, v = final_weights(nhwc), final_weights(resumed)
+    assert all(t.is_contiguous() and torch.equal(t, v[k]) for k, t in w.items())
+    assert maskgen.from_pretrained(nhwc).encode(torch.rand(2, 3, 32, 32)).shape == (2, 8, 8)
+
+
+def test_channels_last_puts_conv_weights_and_images_in_nhwc(tmp_path):
+    from maskgen.config import build_config
+    from maskgen.engine.trainer import Trainer
+
+    cfg = build_config("tokenizer", "tokenizer-tiny", ["data.limit=16", "train.memory_format=channels_last"])
+    trainer = Trainer(cfg, torch.device("cpu"), tmp_path / "run", None)
+    weight = trainer.method.vqgan.encoder.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    images = trainer._to_device(torch.rand(2, 3, 32, 32))
+    assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    assert trainer._to_device(torch.arange(3)).is_contiguous()  # labels and the like are left alone
