@@ -82,10 +82,10 @@ class TrainConfig:
     precision: str = option("auto", "auto (bf16 where it is faster: CUDA with bf16, or a CPU with native bf16 "
                                     "matmuls; else fp32), fp32, bf16 autocast, or fp16 autocast + GradScaler "
                                     "(CUDA only)", choices=("auto", "fp32", "bf16", "fp16"))
-    memory_format: str = option("auto", "layout of images and conv weights: channels_last (NHWC) or contiguous "
-                                        "(NCHW); auto = channels_last under bf16, where oneDNN / cuDNN convolutions "
-                                        "are faster in it (a 4 M-param VQGAN step: 1.4x on an AMX CPU), contiguous "
-                                        "in fp32 (0.85x there)", choices=("auto", "contiguous", "channels_last"))
+    memory_format: str = option("contiguous", "layout of images and conv weights in training: contiguous (NCHW) or "
+                                              "channels_last (NHWC). Which is faster depends on the CPU/GPU, the "
+                                              "precision and the conv widths: time both with "
+                                              "benchmarks/tokenizer_train_step.py", choices=("contiguous", "channels_last"))
     device: str = option("auto", "auto (CUDA when available), cpu, cuda", choices=("auto", "cpu", "cuda"))
     ema_decay: float = option(0.0, "EMA of the weights (0: off), saved as ema.safetensors", min=0.0, max=1.0)
     save_every: int = option(1000, "save a checkpoint every N optimizer steps (and at the end)", min=1)

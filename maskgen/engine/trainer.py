@@ -51,8 +51,6 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     try:
         # every rank uses rank 0's choice (timings differ between processes); config.yaml records it
         cfg.train.precision = dist.broadcast_object(resolve_precision(cfg.train.precision, device))
-        if cfg.train.memory_format == "auto":
-            cfg.train.memory_format = "channels_last" if cfg.train.precision == "bf16" else "contiguous"
         return Trainer(cfg, device, run_dir, resume).run()
     finally:
         dist.cleanup()

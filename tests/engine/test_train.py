@@ -108,10 +108,10 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 
 def test_channels_last_trains_like_contiguous_and_resumes_exactly(tmp_path):
     """train.memory_format=channels_last changes the layout, not the maths: the same losses as NCHW up to conv
-    rounding, contiguous weights on disk, and a bit-exact resume. `auto` is NCHW in fp32 (recorded resolved)."""
+    rounding, contiguous weights on disk, and a bit-exact resume. The default is NCHW."""
     nchw, nhwc, resumed = tmp_path / "nchw", tmp_path / "nhwc", tmp_path / "resumed"
     run_cli("train", "tokenizer", *TINY, "train.max_steps=6", "--run-dir", nchw, check=True)
-    assert "memory_format: contiguous" in (nchw / "config.yaml").read_text()  # auto, resolved for fp32
+    assert "memory_format: contiguous" in (nchw / "config.yaml").read_text()
     last = ["train.memory_format=channels_last"]
     run_cli("train", "tokenizer", *TINY, "train.max_steps=6", *last, "--run-dir", nhwc, check=True)
     assert "memory_format: channels_last" in (nhwc / "config.yaml").read_text()
