@@ -1,7 +1,7 @@
 """Training-step speed (img/s) of `maskgen train tokenizer` on the CPU: fp32 / bf16 autocast x NCHW / NHWC.
 
-One step = the tokenizer method's forward_loss (VQGAN, VQ, the preset's other terms, code tracking) + backward + AdamW, on
-random images, exactly as the trainer runs it with `train.precision` and `train.memory_format`. The cells are
+One step = the tokenizer method's forward_loss (VQGAN, VQ, the preset's other terms, code tracking) + backward
++ AdamW, on random images, as the trainer runs it with `train.precision` and `train.memory_format`. The cells are
 timed in interleaved rounds (every cell once per round, the median over rounds) so that a machine whose speed
 drifts affects all cells alike; the ratio column compares each layout with NCHW at the same precision.
 
