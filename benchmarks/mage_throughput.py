@@ -12,7 +12,7 @@ What is measured, row by row:
 - train: one optimizer step = forward loss + backward + AdamW step of MAGE (train mode, dropout on, no grad
   clipping), at --batch, fp32 or bf16 autocast. source `tokens`: random token ids (as with a token cache);
   source `images`: random 32 px images tokenized inside the step by the frozen tokenizer (as without a cache).
-- generate: `maskgen.sampling.maskgit.generate` (12 iterations) from scratch plus the tokenizer decode, at
+- generate: the model's sampler (MaskGIT, 12 iterations) from scratch plus the tokenizer decode, at
   --gen-batch.
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on one step of the same batch run in fp32
 (the count does not depend on the precision): matmuls, convolutions and attention (the CPU SDPA kernels are
@@ -28,7 +28,6 @@ run stays within a few minutes: at batch 64, one emulated bf16 step of mage-cifa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -40,10 +39,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report, timeit  # noqa: E402
 
-from maskgen.config import build_config  # noqa: E402
+from maskgen.api import build_config  # noqa: E402
+from maskgen.engine.precision import autocast as autocast_for  # noqa: E402
+from maskgen.methods.mage import MAGEMasking, MAGEObjective, mage_loss  # noqa: E402
 from maskgen.models.mage import MAGE  # noqa: E402
 from maskgen.models.vqgan import VQGAN  # noqa: E402
-from maskgen.sampling.maskgit import generate  # noqa: E402
+from maskgen.sampling import sampler_for, samples_to_images  # noqa: E402
 
 NUM_ITER = 12
 SLOW_BF16_RATIO = 0.5  # bf16 peak / fp32 peak below which bf16 (emulated) cells get one step at a small batch
@@ -120,7 +121,8 @@ def build_models(args, device):
 
 
 def train_step_fn(mage: MAGE, opt, source: str, batch: int, autocast, device):
-    cfg = mage.config
+    cfg, objective = mage.config, MAGEObjective()  # the paper's masking and label smoothing
+    masking = MAGEMasking(objective, cfg.num_tokens)
     if source == "tokens":
         x = torch.randint(0, cfg.codebook_size, (batch, cfg.token_grid, cfg.token_grid), device=device)
     else:
@@ -128,7 +130,8 @@ def train_step_fn(mage: MAGE, opt, source: str, batch: int, autocast, device):
 
     def step():
         with autocast:
-            loss, _ = mage.loss(x)  # images: tokenized inside (no grad), as the trainer does without a cache
+            # images: tokenized inside (no grad), as the trainer does without a cache
+            loss, _, _ = mage_loss(mage, x, masking, objective.label_smoothing)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -138,11 +141,11 @@ def train_step_fn(mage: MAGE, opt, source: str, batch: int, autocast, device):
 
 def gen_fn(mage: MAGE, batch: int, autocast, device):
     g = torch.Generator(device).manual_seed(0)
+    sampler = sampler_for(mage, num_iter=NUM_ITER)  # what `maskgen generate` runs
 
     def run():
         with autocast, torch.no_grad():
-            codes = generate(mage, batch, num_iter=NUM_ITER, generator=g)
-            mage.decode_tokens(codes)
+            samples_to_images(mage, sampler.generate(mage, batch, generator=g))
 
     return run
 
@@ -203,7 +206,7 @@ def run(args) -> list[dict]:
 
     for p in precisions:
         slow = p == "bf16" and slow_bf16
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if p == "bf16" else contextlib.nullcontext()
+        autocast = autocast_for(p, device)
         note = (f"emulated bf16 (peak {peak['bf16'] / peak['fp32']:.2g}x fp32): 1 call after 1 warm-up, "
                 f"batch {args.bf16_slow_batch}" if slow else "")
         # 2./3. training steps
@@ -211,7 +214,7 @@ def run(args) -> list[dict]:
         for source in ("tokens", "images"):
             step, x = train_step_fn(mage, opt, source, batch, autocast, device)
             mage.train()
-            fp32_step, _ = train_step_fn(mage, opt, "tokens", batch, contextlib.nullcontext(), device)
+            fp32_step, _ = train_step_fn(mage, opt, "tokens", batch, autocast_for("fp32", device), device)
             f_mage = flops(("train", batch), fp32_step)
             counted = "MAGE fwd+bwd"
             f_total = f_mage
@@ -226,7 +229,7 @@ def run(args) -> list[dict]:
         # 4. generation
         gbatch = args.bf16_slow_batch if slow else args.gen_batch
         mage.eval()
-        f_gen = flops(("generate", gbatch), lambda: generate(mage, gbatch, num_iter=NUM_ITER))
+        f_gen = flops(("generate", gbatch), lambda: sampler_for(mage, num_iter=NUM_ITER).generate(mage, gbatch))
         codes = torch.randint(0, cfg.codebook_size, (gbatch, cfg.token_grid, cfg.token_grid), device=device)
         f_dec = flops(("decode", gbatch), lambda: tok.decode(codes))
         f_total = f_gen + f_dec

@@ -18,7 +18,7 @@ from maskgen.data.decode import decode_image
 from maskgen.data.sources import open_source
 from maskgen.data.transforms import EvalTransform
 from maskgen.progress import progress_bar
-from maskgen.weights import from_pretrained
+from maskgen.models import from_pretrained
 
 
 def main() -> None:

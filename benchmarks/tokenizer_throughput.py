@@ -6,14 +6,13 @@ MAGE tokenizer), fp32 and bf16 autocast. Random weights: speed does not depend o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 import torch
 
 from common import report, timeit
-from maskgen.config import build_config
-from maskgen.engine.precision import cpu_bf16_speedup
+from maskgen.api import build_config
+from maskgen.engine.precision import autocast, cpu_bf16_speedup
 from maskgen.models.vqgan import VQGAN, VQGANConfig
 
 
@@ -34,8 +33,7 @@ def main() -> None:
         with torch.no_grad():
             codes_full = model.encode(x_full)
         for precision in ("fp32", "bf16"):
-            ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                   else contextlib.nullcontext())
+            ctx = autocast(precision, device)
             # emulated bf16 (CPUs without bf16 units) is 30-40x slower: time batch/8 images, one call, no warm-up
             # (a warm-up call is negligible next to a minute-long call, and one 256 px call takes minutes)
             slow = precision == "bf16" and emulated_bf16

@@ -10,14 +10,14 @@ drifts affects all cells alike; the ratio column compares each layout with NCHW 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 import torch
 
 from common import report, timeit
-from maskgen.config import build_config
-from maskgen.methods import get_method
+from maskgen.api import build_config
+from maskgen.engine.precision import autocast
+from maskgen.registry import METHODS
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -25,10 +25,10 @@ FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 def make_step(cfg, precision: str, memory_format: str):
     torch.manual_seed(0)
     fmt = FORMATS[memory_format]
-    method = get_method("tokenizer").build(cfg).to(memory_format=fmt).train()
+    method = METHODS.get("tokenizer").from_config(cfg).to(memory_format=fmt).train()
     opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
     x = torch.rand(cfg.train.batch_size, 3, cfg.data.image_size, cfg.data.image_size).contiguous(memory_format=fmt)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    ctx = autocast(precision, "cpu")
 
     def step():
         with ctx:
@@ -58,7 +58,7 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{p}/{f} {cfg.train.batch_size / times[(p, f)][-1]:.0f}" for p, f in cells), file=sys.stderr)
     median = {key: sorted(t)[len(t) // 2] for key, t in times.items()}
-    params = sum(p.numel() for p in get_method("tokenizer").build(cfg).vqgan.parameters())
+    params = sum(p.numel() for p in METHODS.get("tokenizer").from_config(cfg).vqgan.parameters())
     rows = [{"config": " ".join([args.config, *args.overrides]), "VQGAN params M": params / 1e6,
              "batch": cfg.train.batch_size, "px": cfg.data.image_size, "precision": p, "memory format": f,
              "img/s": cfg.train.batch_size / median[(p, f)],

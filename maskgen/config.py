@@ -1,16 +1,19 @@
-"""The typed configuration tree, YAML presets and `key=value` overrides.
+"""The typed configuration tree of a training run, YAML presets and `key=value` overrides.
 
-A run's configuration is a `Config`: `method` plus the sections model / loss (both chosen by the
-method) and data / optim / schedule / train / dist / log. Presets are YAML files shipped in
-`maskgen/configs/` (a preset may name a `base:` preset it extends). Every value is checked against
-its field's type, choices and bounds before any work starts; problems raise `ConfigError` with one line.
+A run's configuration is a `Config`: the method's name plus the sections
+    model      the architecture (what a saved model's config.json holds), the method's `model_config`;
+    METHOD     the method's own options (objective, what its data path needs), its `options_class`; the YAML
+               section is named after the method (`mage:`, `tokenizer:`, ...), in Python it is `cfg.objective`;
+    data / optim / schedule / train / dist / log / vis   shared by every method.
+Presets are YAML files in `maskgen/configs/` (a preset may name a `base:` preset it extends). Every value is
+checked against its field's type, choices and bounds before any work starts (`maskgen.options`); problems raise
+`ConfigError` with one line. This module knows no method: callers hand it the method's class (`METHODS.get`).
+Keys that moved keep working (`LEGACY_KEYS` and a method's `legacy_keys`), with a deprecation note.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
+import logging
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,19 +22,13 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .options import Options, build_options, did_you_mean, option
 
-
-def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-           max: float | None = None, **kw) -> Any:
-    """A config field with its documentation and the values it accepts."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+log = logging.getLogger("maskgen")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Options):
     path: str = option("cifar10", "image folder, WebDataset shards (brace patterns allowed), 'cifar10' or 'mnist5k' (embedded demo set)")
     split: str = option("train", "split of a named dataset ('cifar10': train|test)", choices=("train", "test"))
     image_size: int = option(32, "side of the square images handed to the model", min=8)
@@ -49,13 +46,11 @@ class DataConfig:
     views: int = option(1, "augmented views per image and step: 2 for two-view methods (MAGE-C); each view "
                            "has its own crop, flip and jitter (or its own cached view)", min=1, max=2)
     limit: int = option(0, "use a fixed random subset of N samples (0: all)", min=0)
-    tokenizer: str = option("", "tokenizer weights/run directory that turns images into tokens (MAGE)")
-    token_cache: str = option("", "read tokens from this `maskgen cache-tokens` file instead of tokenizing images")
     num_workers: int = option(0, "data-loading worker processes per rank", min=0)
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Options):
     blr: float = option(1.5e-4, "base learning rate: lr = blr * effective_batch / 256", min=0.0)
     lr: float | None = option(None, "absolute learning rate (overrides the blr rule)", min=0.0)
     betas: list[float] = option([0.9, 0.95], "AdamW betas")
@@ -65,14 +60,14 @@ class OptimConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Options):
     name: str = option("cosine", "learning-rate schedule after warm-up", choices=("cosine", "constant"))
     warmup_epochs: float = option(0.0, "linear warm-up length in epochs (per-step)", min=0.0)
     min_lr: float = option(0.0, "learning rate at the end of the cosine", min=0.0)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     batch_size: int = option(64, "images per process per micro-step", min=1)
     accum_steps: int = option(1, "micro-steps per optimizer step (gradient accumulation)", min=1)
     epochs: float = option(100.0, "schedule length in epochs", min=0.0)
@@ -93,7 +88,7 @@ class TrainConfig:
 
 
 @dataclass
-class DistConfig:
+class DistConfig(Options):
     backend: str = option("auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)",
                           choices=("auto", "gloo", "nccl"))
     timeout_s: int = option(600, "collective timeout in seconds", min=1)
@@ -101,28 +96,41 @@ class DistConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(Options):
     every: int = option(10, "write metrics every N optimizer steps", min=1)
     tensorboard: bool = option(True, "also write TensorBoard events")
     progress: bool = option(True, "show a progress bar")
-    sample_every: int = option(0, "run the method's hooks (sample grids, probes) every N steps (0: at the end only)",
-                               min=0)
+
+
+@dataclass
+class VisConfig(Options):
+    every: int = option(0, "run the method's periodic hooks (sample grids, reconstructions, evaluations) every N "
+                           "steps (0: at the end only)", min=0)
+    num_images: int = option(16, "images in a sample grid of a generative method (0: no sample grid)", min=0)
+    sampler: dict = option({}, "options of the model's sampler for the sample grid, e.g. {num_iter: 4} (see "
+                               "`maskgen generate --help`)")
 
 
 @dataclass
 class Config:
     method: str
     model: Any
-    loss: Any
+    objective: Any  # the method's options: YAML section named after the method
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    vis: VisConfig = field(default_factory=VisConfig)
 
 
-SECTIONS = ("model", "loss", "data", "optim", "schedule", "train", "dist", "log")
+SHARED_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "train": TrainConfig,
+                   "dist": DistConfig, "log": LogConfig, "vis": VisConfig}
+
+# Keys of every method that moved (old "section.key" -> new "section.key[.subkey]"); `loss.X` keys that no
+# table names move to the method's section.
+LEGACY_KEYS = {"log.sample_every": "vis.every", "loss.sample_images": "vis.num_images"}
 
 
 # ----------------------------------------------------------------------------------------- presets
@@ -144,7 +152,7 @@ def read_preset(name_or_path: str) -> dict:
     else:
         res = _preset_dir() / f"{name_or_path}.yaml"
         if not res.is_file():
-            hint = _did_you_mean(name_or_path, list_presets())
+            hint = did_you_mean(name_or_path, list_presets())
             raise ConfigError(f"unknown preset '{name_or_path}'{hint} (see `maskgen config list`)")
         text = res.read_text()
     try:
@@ -165,95 +173,13 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- typed building
-def _did_you_mean(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def section_classes(method_cls: type) -> dict[str, type]:
+    """YAML section name -> option dataclass, for a registered method class."""
+    return {"model": method_cls.model_config, method_cls.method_name: method_cls.options_class, **SHARED_SECTIONS}
 
 
-def _parse_scalar(tp, raw: Any, key: str):
-    """Convert `raw` (a YAML value or an override string) to type `tp`, or raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "~")):
-            return None
-        return _parse_scalar(args[0], raw, key)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(raw, str):
-            raw = yaml.safe_load(raw) if raw.strip().startswith("[") else [s for s in raw.split(",") if s.strip()]
-        if not isinstance(raw, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {raw!r}")
-        return [_parse_scalar(item, v, key) for v in raw]
-    try:
-        if tp is bool:
-            if isinstance(raw, bool):
-                return raw
-            if isinstance(raw, str) and raw.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-                return raw.lower() in ("true", "yes", "on", "1")
-            raise ValueError
-        if tp is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError
-            return int(raw) if not isinstance(raw, str) else int(raw.replace("_", ""))
-        if tp is float:
-            if isinstance(raw, bool):
-                raise ValueError
-            return float(raw)
-        if tp is str:
-            if isinstance(raw, (dict, list)):
-                raise ValueError
-            return str(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {raw!r}") from None
-    raise ConfigError(f"{key}: unsupported config type {tp}")
-
-
-def _check_bounds(f: dataclasses.Field, value, key: str) -> None:
-    m = f.metadata
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if v is None:
-            continue
-        if m.get("choices") and v not in m["choices"]:
-            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, m['choices']))}"
-                              f"{_did_you_mean(str(v), map(str, m['choices']))}")
-        if m.get("min") is not None and v < m["min"]:
-            raise ConfigError(f"{key}: {v!r} is below the minimum {m['min']}")
-        if m.get("max") is not None and v > m["max"]:
-            raise ConfigError(f"{key}: {v!r} is above the maximum {m['max']}")
-
-
-def build_section(cls: type, data: dict, prefix: str):
-    """A dataclass instance of `cls` from a dict, every key and value checked."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, raw in data.items():
-        full = f"{prefix}.{key}"
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{full}'{_did_you_mean(full, (f'{prefix}.{k}' for k in fields))}")
-        value = _parse_scalar(hints[key], raw, full)
-        _check_bounds(fields[key], value, full)
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{prefix}: {e}") from None
-
-
-def section_classes(method: str) -> dict[str, type]:
-    from .methods import get_method
-
-    spec = get_method(method)
-    return {"model": spec.model_config, "loss": spec.loss_config, "data": DataConfig, "optim": OptimConfig,
-            "schedule": ScheduleConfig, "train": TrainConfig, "dist": DistConfig, "log": LogConfig}
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """`["train.max_steps=3", "model.ch=32"]` → nested dict of raw strings."""
+def parse_overrides(overrides: list[str], sections: list[str] = ()) -> dict:
+    """`["train.max_steps=3", "model.ch=32"]` -> nested dict of raw strings (`sections` names them in errors)."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -261,32 +187,63 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"unknown config key '{key}': keys look like section.key "
-                              f"(sections: {', '.join(SECTIONS)})")
+            known = f" (sections: {', '.join(sections)})" if sections else ""
+            raise ConfigError(f"unknown config key '{key}': keys look like section.key{known}")
         out.setdefault(parts[0], {})[parts[1]] = value
     return out
 
 
-def build_config(method: str, preset: str | None, overrides: list[str] = ()) -> Config:
-    """The validated config of `method` from a preset (name or YAML path) plus `key=value` overrides."""
-    raw = read_preset(preset) if preset else {}
-    preset_method = raw.pop("method", method)
-    if preset_method != method:
-        raise ConfigError(f"config '{preset}' is for method '{preset_method}', not '{method}'")
-    raw = _merge(raw, parse_overrides(list(overrides)))
-    classes = section_classes(method)
+def upgrade_legacy_keys(raw: dict, method_cls: type) -> dict:
+    """Move keys of an older layout to where they live now, with one deprecation note per key."""
+    table = {**LEGACY_KEYS, **getattr(method_cls, "legacy_keys", {})}
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for sec in [s for s in raw if isinstance(raw[s], dict)]:
+        for key in list(raw[sec]):
+            old = f"{sec}.{key}"
+            new = table.get(old) or (f"{method_cls.method_name}.{key}" if sec == "loss" else None)
+            if new is None or new == old:
+                continue
+            value = raw[sec].pop(key)
+            log.warning("config key '%s' is deprecated: use '%s'", old, new)
+            path = new.split(".")
+            node = raw
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"config key '{old}' moved to '{new}', which is not a mapping here")
+            node.setdefault(path[-1], value)
+        if not raw[sec] and sec not in section_classes(method_cls):
+            del raw[sec]
+    return raw
+
+
+def _build(method_cls: type, raw: dict) -> Config:
+    """`raw`: sections in today's layout (see upgrade_legacy_keys)."""
+    classes = section_classes(method_cls)
     for sec in raw:
         if sec not in classes:
-            raise ConfigError(f"unknown config key '{sec}'{_did_you_mean(sec, classes)} "
-                              f"(sections: {', '.join(SECTIONS)})")
-    sections = {name: build_section(cls, raw.get(name) or {}, name) for name, cls in classes.items()}
-    cfg = Config(method=method, **sections)
+            raise ConfigError(f"unknown config key '{sec}'{did_you_mean(sec, classes)} "
+                              f"(sections: {', '.join(classes)})")
+    sections = {name: build_options(cls, raw.get(name) or {}, name) for name, cls in classes.items()}
+    objective = sections.pop(method_cls.method_name)
+    cfg = Config(method=method_cls.method_name, objective=objective, **sections)
     validate(cfg)
     return cfg
 
 
+def build_config(method_cls: type, preset: str | None, overrides: list[str] = ()) -> Config:
+    """The validated config of a registered method class from a preset (name or YAML path) plus overrides."""
+    raw = read_preset(preset) if preset else {}
+    preset_method = raw.pop("method", method_cls.method_name)
+    if preset_method != method_cls.method_name:
+        raise ConfigError(f"config '{preset}' is for method '{preset_method}', not '{method_cls.method_name}'")
+    overrides = parse_overrides(list(overrides), list(section_classes(method_cls)))
+    # each layer is upgraded on its own, so that an old key given as an override still wins over the preset
+    return _build(method_cls, _merge(upgrade_legacy_keys(raw, method_cls), upgrade_legacy_keys(overrides, method_cls)))
+
+
 def validate(cfg: Config) -> None:
-    """Checks that involve more than one field."""
+    """Checks that involve more than one section, or the method (its options class checks its own fields)."""
     lo, hi = cfg.data.crop_scale if len(cfg.data.crop_scale) == 2 else (None, None)
     if lo is None or not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {cfg.data.crop_scale}")
@@ -298,18 +255,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.precision: fp16 is CUDA-only (it is ~1000x slower on CPU); use bf16 or fp32")
 
 
-def config_from_dict(data: dict) -> Config:
+def config_from_dict(method_cls: type, data: dict) -> Config:
     """Rebuild a saved (resolved) config, e.g. from a run directory's config.yaml."""
     data = dict(data)
-    method = data.pop("method")
-    classes = section_classes(method)
-    cfg = Config(method=method, **{k: build_section(c, data.get(k) or {}, k) for k, c in classes.items()})
-    validate(cfg)
-    return cfg
+    data.pop("method", None)
+    return _build(method_cls, upgrade_legacy_keys(data, method_cls))
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    out = {"method": cfg.method}
+    for f in dataclasses.fields(cfg):
+        if f.name == "method":
+            continue
+        out[cfg.method if f.name == "objective" else f.name] = dataclasses.asdict(getattr(cfg, f.name))
+    return out
 
 
 def config_to_yaml(cfg: Config) -> str:

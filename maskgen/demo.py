@@ -19,6 +19,16 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from . import api
+from .data.sources import mnist5k
+from .data.token_cache import cache_tokens
+from .data.transforms import EvalTransform
+from .eval.features import compute_features
+from .eval.linear_probe import train_linear_probe
+from .generation import edit_image, generate_images
+from .models import from_pretrained
+from .models.mage import MAGE
+
 log = logging.getLogger("maskgen")
 
 TOKENIZER_PRESET, MAGE_PRESET, DATA = "tokenizer-demo", "mage-demo", "mnist5k"
@@ -37,15 +47,6 @@ def run_demo(run_dir: str | Path = "runs/demo", max_steps: int = 0, num_images: 
              progress: bool = True) -> Path:
     """Run every stage into `run_dir`; returns the path of the report. `max_steps` > 0 caps both training runs
     (a smoke test; the images are then noise)."""
-    from . import api
-    from .config import build_config
-    from .eval.features import compute_features
-    from .eval.linear_probe import train_linear_probe
-    from .generation import edit_image, generate_images
-    from .models.mage import MAGE
-    from .data.token_cache import cache_tokens
-    from .weights import from_pretrained
-
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     cap = [f"train.max_steps={max_steps}"] if max_steps else []
@@ -60,7 +61,7 @@ def run_demo(run_dir: str | Path = "runs/demo", max_steps: int = 0, num_images: 
     t = time.time()
     _stage(2, "tokenizing the training digits once (token cache)")
     cache = run / "tokens.safetensors"
-    tok_data = build_config("tokenizer", TOKENIZER_PRESET).data
+    tok_data = api.build_config("tokenizer", TOKENIZER_PRESET).data
     if not cache.is_file():
         cache_tokens(run / "tokenizer", DATA, cache, image_size=tok_data.image_size, views=CACHE_VIEWS,
                      crop_scale=tuple(tok_data.crop_scale), device=device, progress=progress)
@@ -68,7 +69,7 @@ def run_demo(run_dir: str | Path = "runs/demo", max_steps: int = 0, num_images: 
 
     t = time.time()
     _stage(3, f"pre-training MAGE (preset {MAGE_PRESET}) on the cached tokens")
-    api.train("mage", MAGE_PRESET, [f"data.tokenizer={run / 'tokenizer'}", f"data.token_cache={cache}", *cap, *dev],
+    api.train("mage", MAGE_PRESET, [f"mage.tokenizer={run / 'tokenizer'}", f"mage.token_cache={cache}", *cap, *dev],
               run_dir=run / "mage", resume="auto")
     seconds["mage"] = time.time() - t
 
@@ -107,8 +108,6 @@ def run_demo(run_dir: str | Path = "runs/demo", max_steps: int = 0, num_images: 
 
 def _inpainting_examples(run: Path, edit_image, device: str) -> None:
     """RUN/inpainting.png: rows of (input | masked | result) for the first test digit of 4 classes."""
-    from .data.sources import mnist5k
-    from .data.transforms import EvalTransform
 
     source, seen, rows = mnist5k("test"), set(), []
     folder = run / "inpainting"

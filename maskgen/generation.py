@@ -1,73 +1,76 @@
-"""What `maskgen generate`, `maskgen edit` and `maskgen features` do, as functions.
+"""What `maskgen generate` and `maskgen edit` do, as functions.
 
-Images are RGB files; models come from `from_pretrained` (a MAGE folder, checkpoint or run directory with
-its tokenizer attached).
+Images are RGB files; models come from `from_pretrained` (a weights folder, checkpoint or run directory). What a
+model can do is what it declares (the protocol of `maskgen.sampling.base`): it generates when it names a
+`default_sampler`, and edits when it also has `encode_samples` / `sample_region` and its sampler can `edit`.
+Sampler options (`num_iter=...` for MaskGIT) are keyword arguments passed on to `sampler_for`.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from safetensors.torch import save_file
 from torchvision.utils import make_grid, save_image
 
+from .data.decode import BadImage, decode_image
 from .errors import UserError
+from .models import from_pretrained
 from .progress import progress_bar
-from .sampling.maskgit import inpaint_tokens, token_region, generate as maskgit_generate
+from .sampling import Sampler, sampler_for, samples_to_images
+from .seeding import per_image_generators
 
 EDIT_KINDS = ("inpaint", "outpaint", "uncrop")
 
 
 def load_generator_model(ckpt: str | os.PathLike, device: str = "cpu"):
-    """A MAGE model with its tokenizer, in eval mode."""
-    from .models.mage import MAGE
-    from .weights import from_pretrained
-
+    """The model saved in `ckpt`, in eval mode, checked able to generate: it names a `default_sampler`, and its
+    `check_can_sample()` (MAGE: a tokenizer is attached) passes."""
     model = from_pretrained(ckpt, device=device)
-    if not isinstance(model, MAGE):
-        raise UserError(f"{ckpt} holds a '{model.model_name}' model; generation and editing need a MAGE model")
-    if model.tokenizer is None:
-        raise UserError(f"{ckpt} has no tokenizer/ folder, so its tokens cannot be turned into images")
+    if getattr(model, "default_sampler", None) is None:
+        raise UserError(f"{ckpt} holds a '{model.model_name}' model, which cannot generate images")
+    if hasattr(model, "check_can_sample"):
+        try:
+            model.check_can_sample()
+        except UserError as e:
+            raise UserError(f"{ckpt}: {e}") from None
     return model
 
 
-def _per_image_generators(seed: int, first: int, count: int, device) -> list[torch.Generator]:
-    """One generator per image, seeded by (seed, image index): image i is the same whatever the batch size."""
-    from .data.loader import mix_seed
-
-    return [torch.Generator(device).manual_seed(mix_seed(seed, first + i)) for i in range(count)]
+def generated_batches(model, num_images: int, batch_size: int, seed: int = 0, device: str = "cpu",
+                      **sampler_options: Any) -> Iterator[torch.Tensor]:
+    """Generation from scratch in batches with the model's sampler (`sampler_options` over its defaults): images
+    [n, 3, H, W] in [0, 1] on the CPU, image i seeded by (seed, i), so the images do not depend on batch_size.
+    The sampler is built (and its options checked) at the call, before the first batch is asked for."""
+    if num_images < 0 or batch_size < 1:
+        raise UserError("the number of images must be >= 0 and the batch size >= 1")
+    return _batches(model, sampler_for(model, **sampler_options), num_images, batch_size, seed, device)
 
 
 @torch.no_grad()
-def generated_batches(model, num_images: int, batch_size: int, seed: int = 0, num_iter: int = 12,
-                      choice_temperature: float = 4.5, temperature: float = 1.0,
-                      device: str = "cpu") -> Iterator[torch.Tensor]:
-    """MaskGIT generation from scratch in batches: images [n, 3, H, W] in [0, 1] on the CPU, image i seeded by
-    (seed, i), so the images do not depend on batch_size."""
+def _batches(model, sampler: Sampler, num_images: int, batch_size: int, seed: int, device) -> Iterator[torch.Tensor]:
     for first in range(0, num_images, batch_size):
         n = min(batch_size, num_images - first)
-        codes = maskgit_generate(model, n, num_iter, choice_temperature, temperature,
-                                 generator=_per_image_generators(seed, first, n, device))
-        yield model.decode_tokens(codes).float().cpu()
+        samples = sampler.generate(model, n, generator=per_image_generators(seed, first, n, device))
+        yield samples_to_images(model, samples)
 
 
 def generate_images(ckpt: str | os.PathLike, out: str | os.PathLike, num_images: int, seed: int = 0,
-                    num_iter: int = 12, choice_temperature: float = 4.5, temperature: float = 1.0,
-                    batch_size: int = 16, device: str = "cpu", progress: bool = True) -> Path:
-    """Generate `num_images` images from scratch into `out/` as 000000.png ... plus grid.png (first 64)."""
-    if num_images < 1 or batch_size < 1 or num_iter < 1:
-        raise UserError("--num-images, --batch-size and --num-iter must be at least 1")
+                    batch_size: int = 16, device: str = "cpu", progress: bool = True,
+                    **sampler_options: Any) -> Path:
+    """Generate `num_images` images from scratch into `out/` as 000000.png ... plus grid.png (first 64);
+    `sampler_options` (e.g. num_iter=20) go to the model's sampler."""
+    if num_images < 1 or batch_size < 1:
+        raise UserError("--num-images and --batch-size must be at least 1")
     model = load_generator_model(ckpt, device)
+    batches = generated_batches(model, num_images, batch_size, seed, device, **sampler_options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     grid = []
     with progress_bar(total=num_images, unit="img", desc="generate", enabled=progress) as bar:
-        batches = generated_batches(model, num_images, batch_size, seed, num_iter, choice_temperature, temperature,
-                                    device)
         for first, images in zip(range(0, num_images, batch_size), batches):
             for i, img in enumerate(images):
                 save_image(img, out / f"{first + i:06d}.png")
@@ -80,8 +83,6 @@ def generate_images(ckpt: str | os.PathLike, out: str | os.PathLike, num_images:
 # ------------------------------------------------------------------------------------------- editing
 def _load_image(path: str | os.PathLike, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Image file -> ([3, size, size] in [0, 1], original (width, height))."""
-    from .data.decode import BadImage, decode_image
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such image: {path}")
@@ -139,16 +140,21 @@ def edit_region(kind: str, size: int, original_size: tuple[int, int], box: str |
 
 def edit_image(kind: str, ckpt: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike,
                box: str | None = None, mask: str | None = None, pad: int | None = None, seed: int = 0,
-               num_iter: int = 12, choice_temperature: float = 4.5, temperature: float = 1.0, dilate: int = 1,
-               device: str = "cpu") -> Path:
-    """Regenerate a region of `image` with MAGE and write the result to `out` (at the model's resolution) and a
-    panel (input | masked input | result) next to it as OUT_panel.png. The region's tokens start masked (one
-    token beyond the pixel region with dilate=1, as the maintainer's inpainting), the other tokens stay fixed;
+               dilate: int = 1, device: str = "cpu", **sampler_options: Any) -> Path:
+    """Regenerate a region of `image` with the model's sampler (`sampler_options` over its defaults) and write the
+    result to `out` (at the model's resolution) and a panel (input | masked input | result) next to it as
+    OUT_panel.png. The pixels of the region are zeroed, the image is encoded to the model's samples
+    (`encode_samples`), the region becomes a region of the samples (`sample_region`; MAGE: the tokens that
+    overlap it plus `dilate` tokens, as the maintainer's inpainting), the sampler regenerates it (`edit`) and the
     pixels outside the region are pasted back from the input."""
     if kind not in EDIT_KINDS:
         raise UserError(f"unknown edit '{kind}' (choose {', '.join(EDIT_KINDS)})")
     model = load_generator_model(ckpt, device)
-    size, f = model.config.image_size, model.config.downsample_factor
+    sampler = sampler_for(model, **sampler_options)
+    if type(sampler).edit is Sampler.edit or not all(hasattr(model, a) for a in ("encode_samples", "sample_region")):
+        raise UserError(f"{ckpt}: the '{model.model_name}' model with its {sampler.sampler_name} sampler cannot "
+                        f"edit images")
+    size = model.config.image_size
     x, original_size = _load_image(image, size)
     region = edit_region(kind, size, original_size, box, mask, pad)
     if kind == "outpaint":  # shrink the image into the kept centre
@@ -160,36 +166,16 @@ def edit_image(kind: str, ckpt: str | os.PathLike, image: str | os.PathLike, out
         x = canvas
     if bool(region.all()):
         raise UserError("the region covers the whole image: use `maskgen generate` instead")
-    masked = x * (~region).float()  # pixels of the region are zeroed before tokenizing (official practice)
+    masked = x * (~region).float()  # pixels of the region are zeroed before encoding (official practice)
     with torch.no_grad():
-        codes = model.encode_images(masked[None].to(device))
-        tokens = token_region(region, f, dilate=dilate)
-        codes = inpaint_tokens(model, codes, tokens, num_iter, choice_temperature, temperature,
-                               generator=_per_image_generators(seed, 0, 1, device))
-        result = model.decode_tokens(codes)[0].float().cpu()
+        samples = model.encode_samples(masked[None].to(device))
+        samples = sampler.edit(model, samples, model.sample_region(region, dilate),
+                               generator=per_image_generators(seed, 0, 1, device))
+        result = samples_to_images(model, samples)[0]
     result = torch.where(region, result, x)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(result, out)
     save_image(make_grid(torch.stack([x, masked, result]), nrow=3, padding=2, pad_value=1.0),
                out.with_name(out.stem + "_panel.png"))
-    return out
-
-
-# ------------------------------------------------------------------------------------------ features
-def extract_features(ckpt: str | os.PathLike, data: str, out: str | os.PathLike, split: str = "train",
-                     pool: str = "mean", image_size: int | None = None, batch_size: int = 64, limit: int = 0,
-                     device: str = "cpu", progress: bool = True) -> Path:
-    """Features of every image of `data` (eval transform: resize + centre crop; see
-    `maskgen.eval.features.compute_features`) into a safetensors file with `features` float32 [N, D] and
-    `labels` int64 [N] (-1 = unlabeled)."""
-    from .eval.features import compute_features, load_encoder
-
-    model = load_encoder(ckpt, device)
-    feats, labels = compute_features(model, data, split, pool=pool, image_size=image_size, batch_size=batch_size,
-                                     limit=limit, device=device, progress=progress)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats, "labels": labels}, str(out),
-              metadata={"ckpt": str(ckpt), "data": str(data), "split": split, "pool": pool})
     return out

@@ -1,19 +1,20 @@
 """Weights on disk: safetensors + config.json, and a torch.load that never runs pickled code.
 
 A *weights directory* holds `model.safetensors` (the model's state_dict) and `config.json`
-(`{"model": name, "config": {...}}`); training checkpoints are weights directories too, and a run
-directory resolves to its latest complete checkpoint.
+(`{"model": name, "config": {...}}`); training checkpoints (`RUN/checkpoints/step_N/`) are weights directories
+too, and a run directory resolves to its latest complete checkpoint. Building a model from a weights directory
+is `maskgen.models.from_pretrained`; this module only knows the files.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .errors import UserError
 
@@ -45,23 +46,57 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, ema_state: dict | None = None,
-                    extra_config: dict | None = None) -> Path:
-    """Write `model.safetensors` (+ `ema.safetensors`) and `config.json` into `directory`."""
-    from .models.registry import model_config_dict
-
+def write_weights(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: dict,
+                  ema_state: dict | None = None) -> Path:
+    """Write `model.safetensors` (+ `ema.safetensors`) and `config.json` (`config`, JSON-able) into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous(model.state_dict()), str(directory / WEIGHTS_FILE))
+    save_file(_contiguous(state), str(directory / WEIGHTS_FILE))
     if ema_state is not None:
         save_file(_contiguous(ema_state), str(directory / EMA_FILE))
-    cfg = model_config_dict(model)
-    if extra_config:
-        cfg.update(extra_config)
-    (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-    if hasattr(model, "save_attachments"):  # e.g. MAGE's frozen tokenizer, in a sub-folder
-        model.save_attachments(directory)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def read_weights(directory: str | os.PathLike, ema: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json as a dict, state dict) of a weights directory; `ema=True` reads `ema.safetensors`."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{directory / CONFIG_FILE} is not a maskgen model config ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{directory / CONFIG_FILE} is not a maskgen model config (not a JSON object)")
+    weights = directory / (EMA_FILE if ema else WEIGHTS_FILE)
+    if ema and not weights.is_file():
+        raise UserError(f"{directory} has no EMA weights ({EMA_FILE})")
+    return meta, load_file(str(weights))
+
+
+# ------------------------------------------------------------------ checkpoint folders of a run directory
+STATE_FILE = "training_state.pt"
+TRAINER_FILE = "trainer.json"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_REQUIRED = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE, TRAINER_FILE)
+
+
+def step_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoint directories (`step_N/` holding every checkpoint file) under `root`, sorted by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and all((d / f).is_file() for f in _REQUIRED):
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    dirs = step_dirs(root)
+    return dirs[-1][1] if dirs else None
 
 
 def resolve_weights_dir(path: str | os.PathLike) -> Path:
@@ -69,8 +104,6 @@ def resolve_weights_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return path
-    from .engine.checkpoint import latest_checkpoint
-
     for cand in (path / "checkpoints", path):
         if cand.is_dir():
             latest = latest_checkpoint(cand)
@@ -79,29 +112,3 @@ def resolve_weights_dir(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise UserError(f"no such checkpoint directory: {path}")
     raise UserError(f"{path} holds no {WEIGHTS_FILE} + {CONFIG_FILE}, nor any complete checkpoint")
-
-
-def from_pretrained(path: str | os.PathLike, ema: bool = False, device: str | torch.device = "cpu") -> nn.Module:
-    """The model saved in `path` (a weights, checkpoint or run directory), in eval mode.
-
-    `ema=True` loads the EMA weights where the checkpoint has them."""
-    from .models.registry import model_class
-
-    directory = resolve_weights_dir(path)
-    try:
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-        name, cfg = meta["model"], meta["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{directory / CONFIG_FILE} is not a maskgen model config ({e})") from None
-    cls = model_class(name)
-    model = cls(cls.config_class(**cfg))
-    weights = directory / (EMA_FILE if ema else WEIGHTS_FILE)
-    if ema and not weights.is_file():
-        raise UserError(f"{directory} has no EMA weights ({EMA_FILE})")
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{weights} does not match model '{name}': missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if hasattr(model, "load_attachments"):
-        model.load_attachments(directory)
-    return model.to(device).eval()

@@ -1,6 +1,6 @@
 import pytest
 
-from maskgen.config import build_config, list_presets, read_preset
+from maskgen.api import build_config, list_presets, read_preset
 from maskgen.errors import ConfigError
 
 from conftest import run_cli
@@ -65,8 +65,8 @@ def test_cli_config_error_is_one_line_exit_2():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["maskgen: error: unknown config key 'no_such_key': keys look like "
-                                                "section.key (sections: model, loss, data, optim, schedule, train, "
-                                                "dist, log)"]
+                                                "section.key (sections: model, tokenizer, data, optim, schedule, "
+                                                "train, dist, log, vis)"]
 
 
 def test_cli_help_and_config_list():
@@ -78,3 +78,39 @@ def test_cli_help_and_config_list():
     assert lst.returncode == 0 and "tokenizer-tiny" in lst.stdout
     show = run_cli("config", "show", "tokenizer-tiny", "train.max_steps=5")
     assert show.returncode == 0 and "max_steps: 5" in show.stdout and "method: tokenizer" in show.stdout
+
+
+def test_moved_keys_keep_working_with_a_deprecation_note(caplog):
+    old = ["data.tokenizer=runs/tok", "data.token_cache=cache.safetensors", "model.mask_ratio_min=0.6",
+           "loss.label_smoothing=0.2", "loss.contrastive_weight=0.1", "data.views=2", "log.sample_every=7",
+           "loss.sample_images=3", "loss.sample_iters=5", "loss.choice_temperature=2.0"]
+    with caplog.at_level("WARNING", logger="maskgen"):
+        cfg = build_config("mage", "mage-tiny", old)
+    o = cfg.objective
+    assert (o.tokenizer, o.token_cache, o.mask_ratio_min, o.label_smoothing, o.contrastive_weight) == \
+        ("runs/tok", "cache.safetensors", 0.6, 0.2, 0.1)
+    assert (cfg.vis.every, cfg.vis.num_images) == (7, 3)
+    assert cfg.vis.sampler == {"num_iter": "5", "choice_temperature": "2.0"}
+    assert "config key 'data.tokenizer' is deprecated: use 'mage.tokenizer'" in caplog.text
+    assert "'loss.sample_iters' is deprecated: use 'vis.sampler.num_iter'" in caplog.text
+    assert build_config("mage", "mage-tiny", ["mage.tokenizer=runs/tok"]).objective.tokenizer == "runs/tok"
+    with pytest.raises(ConfigError, match="unknown config key 'mage.tokenzier'"):
+        build_config("mage", "mage-tiny", ["mage.tokenzier=x"])
+    tok = build_config("tokenizer", "tokenizer-tiny", ["loss.entropy_weight=0.1"])
+    assert tok.objective.entropy_weight == 0.1
+
+
+def test_the_objective_is_not_saved_with_the_weights_and_old_configs_still_load(tmp_path):
+    import json
+
+    from maskgen.models import from_pretrained, save_pretrained
+    from maskgen.models.mage import MAGE
+
+    cfg = build_config("mage", "mage-tiny")
+    out = save_pretrained(MAGE(cfg.model), tmp_path / "mage")
+    meta = json.loads((out / "config.json").read_text())
+    assert "mask_ratio_min" not in meta["config"] and "label_smoothing" not in meta["config"]
+    meta["config"].update(mask_ratio_mu=0.55, mask_ratio_std=0.25, mask_ratio_min=0.5, mask_ratio_max=1.0,
+                          label_smoothing=0.1, ratio_per_sample=False)  # a config.json written before the move
+    (out / "config.json").write_text(json.dumps(meta))
+    assert from_pretrained(out).config == cfg.model

@@ -10,13 +10,13 @@ from PIL import Image, ImageFilter
 from safetensors.torch import load_file
 
 import maskgen
-from maskgen.config import build_config
-from maskgen.eval.classifier import MAGEClassifier
+from maskgen.api import build_config
+from maskgen.models.classifier import MAGEClassifier
 from maskgen.eval.features import compute_features, load_encoder
 from maskgen.eval.fid import evaluate_fid
 from maskgen.models.mage import MAGE
 from maskgen.models.vqgan import VQGAN
-from maskgen.weights import save_pretrained
+from maskgen.models import save_pretrained
 
 from conftest import CIFAR, make_folder, run_cli
 
@@ -36,7 +36,7 @@ def tokenizer_run(tmp_path_factory):
 def mage_dir(tmp_path_factory):
     """A random-init mage-tiny with a random tokenizer-tiny attached."""
     torch.manual_seed(0)
-    model = MAGE(build_config("mage", "mage-tiny", ["data.tokenizer=unused"]).model)
+    model = MAGE(build_config("mage", "mage-tiny", ["mage.tokenizer=unused"]).model)
     model.set_tokenizer(VQGAN(build_config("tokenizer", "tokenizer-tiny").model))
     return save_pretrained(model, tmp_path_factory.mktemp("mage") / "mage")
 
@@ -91,7 +91,7 @@ def test_errors_are_one_line(tokenizer_run, tmp_path, capsys):
 
 def test_finetune_trains_and_resumes_exactly(mage_dir, tmp_path):
     common = ["eval", "finetune", "--ckpt", mage_dir, "--data", "cifar10", "--config", "finetune-tiny",
-              "data.limit=64", "loss.eval_limit=32", "log.progress=false"]
+              "data.limit=64", "finetune.eval_limit=32", "log.progress=false"]
     a, b = tmp_path / "a", tmp_path / "b"
     out = run_cli(*common, "train.max_steps=4", "--run-dir", a, check=True)
     assert "top1 (%)" in out.stdout and json.loads((a / "eval" / "finetune.json").read_text())["step"] == 4
@@ -108,7 +108,7 @@ def test_finetune_trains_and_resumes_exactly(mage_dir, tmp_path):
 
 
 def test_layer_decay_groups(mage_dir):
-    from maskgen.eval.finetune import FinetuneMethod
+    from maskgen.methods.finetune import FinetuneMethod
 
     cfg = build_config("finetune", "finetune-tiny", [f"model.pretrained={mage_dir}", "model.layer_decay=0.5"])
     groups = FinetuneMethod(cfg).optim_groups(0.05)

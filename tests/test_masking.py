@@ -12,7 +12,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 # --------------------------------------------------------------------------- truncated normal ratio
 def test_ratio_statistics_match_the_reference():
-    """reference/mage.md §2.6: mu 0.55, std 0.25 on [0.5, 1] has mean 0.694 and std 0.129."""
+    """official MAGE (models_mage.py): mu 0.55, std 0.25 on [0.5, 1] has mean 0.694 and std 0.129."""
     s = TruncatedNormalRatio()
     assert s.mean() == pytest.approx(0.694, abs=1e-3)
     assert s.stddev() == pytest.approx(0.129, abs=1e-3)
@@ -88,7 +88,7 @@ def test_token_masks_are_uniform_over_positions():
 
 
 def test_num_masked_statistics_for_256_tokens():
-    """reference/mage.md §2.6 [run]: over 200k draws num_masked ranged 129..256 with mean 178."""
+    """measured on the official code: over 200k draws num_masked ranged 129..256 with mean 178."""
     n = num_masked(256, TruncatedNormalRatio().sample(200_000, generator=gen(0)))
     assert int(n.min()) == 129 and int(n.max()) == 256
     assert float(n.double().mean()) == pytest.approx(178.0, abs=0.3)

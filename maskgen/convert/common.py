@@ -26,3 +26,13 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], inferred: st
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape/dtype", wrong)) if keys]
     if problems:
         raise UserError(f"checkpoint does not match the inferred {inferred}: " + "; ".join(problems))
+
+
+def tensor_shape(sd: dict, key: str, ndim: int, what: str) -> tuple[int, ...]:
+    """The shape of `sd[key]`, which must exist and have `ndim` dimensions (else a UserError saying the file is not
+    `what`)."""
+    if key not in sd:
+        raise UserError(f"missing tensor '{key}': not {what}")
+    if sd[key].dim() != ndim:
+        raise UserError(f"tensor '{key}' has shape {list(sd[key].shape)}, expected {ndim} dimensions")
+    return tuple(sd[key].shape)

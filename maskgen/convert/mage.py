@@ -2,7 +2,7 @@
 directory holding the MAGE model and, in its `tokenizer/` sub-folder, the VQGAN tokenizer.
 
 The file is read with `safe_torch_load` (never runs pickled code); its `checkpoint['model']` state dict
-(or a bare state dict with the same keys) holds 433 tensors for ViT-B (reference/mage.md §8):
+(or a bare state dict with the same keys) holds 433 tensors for ViT-B (the released `mage-vitb-1600.pth`):
 - `vqgan.*` (168): the frozen tokenizer, converted with the tokenizer converter's helpers;
 - the dead tensors of the official model, dropped: `cls_token`, `pos_embed`, `patch_embed.*`, `mask_token`,
   `decoder_pos_embed`, `decoder_pred.*` and the `token_emb.position_ids` buffer (absent ones are fine);
@@ -23,11 +23,12 @@ import torch
 from ..errors import ConfigError, UserError
 from ..models.mage import MAGE, MAGEConfig
 from ..models.vqgan import VQGAN
-from ..weights import safe_torch_load, save_pretrained
-from .common import check_state_dict, first_keys
+from ..models import save_pretrained
+from ..weights import safe_torch_load
+from .common import check_state_dict, first_keys, tensor_shape
 from .vqgan import MAGE_PREFIX, infer_config
 
-# Tensors of the official model that nothing reads (reference/mage.md §2.4, §8): exact names or prefixes.
+# Tensors the official `models_mage.py` creates but its forward never reads: exact names or prefixes.
 DROPPED_KEYS = ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "token_emb.position_ids")
 DROPPED_PREFIXES = ("patch_embed.", "decoder_pred.")
 
@@ -81,11 +82,7 @@ def infer_mage_config(sd: dict[str, torch.Tensor], codebook_size: int, downsampl
     """MAGEConfig of the official layout from the MAGE tensors' shapes (heads: see the module docstring)."""
 
     def shape(key: str, ndim: int) -> tuple[int, ...]:
-        if key not in sd:
-            raise UserError(f"missing tensor '{key}': not an official MAGE checkpoint")
-        if sd[key].dim() != ndim:
-            raise UserError(f"tensor '{key}' has shape {list(sd[key].shape)}, expected {ndim} dimensions")
-        return tuple(sd[key].shape)
+        return tensor_shape(sd, key, ndim, "an official MAGE checkpoint")
 
     vocab, dim = shape("token_emb.word_embeddings.weight", 2)
     positions = shape("token_emb.position_embeddings.weight", 2)[0]

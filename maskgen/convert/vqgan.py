@@ -15,8 +15,9 @@ import torch
 
 from ..errors import ConfigError, UserError
 from ..models.vqgan import VQGAN, VQGANConfig
-from ..weights import safe_torch_load, save_pretrained
-from .common import check_state_dict, first_keys
+from ..models import save_pretrained
+from ..weights import safe_torch_load
+from .common import check_state_dict, first_keys, tensor_shape
 
 MAGE_PREFIX = "vqgan."
 
@@ -45,11 +46,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> VQGANConfig:
     first conv, num_res_blocks from level 0, z_channels from encoder.conv_out, codebook_size from the codebook."""
 
     def shape(key: str, ndim: int) -> tuple[int, ...]:
-        if key not in sd:
-            raise UserError(f"missing tensor '{key}': not a MAGE/MaskGIT VQGAN checkpoint")
-        if sd[key].dim() != ndim:
-            raise UserError(f"tensor '{key}' has shape {list(sd[key].shape)}, expected {ndim} dimensions")
-        return tuple(sd[key].shape)
+        return tensor_shape(sd, key, ndim, "a MAGE/MaskGIT VQGAN checkpoint")
 
     ch, in_channels = shape("encoder.conv_in.weight", 4)[:2]
     levels = 0
@@ -72,7 +69,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> VQGANConfig:
 def convert_vqgan(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Convert the official tokenizer checkpoint `src` into the weights directory `out` (returned).
 
-    `maskgen.weights.from_pretrained(out)` then returns the VQGAN. Every source tensor must be used and every
+    `maskgen.from_pretrained(out)` then returns the VQGAN. Every source tensor must be used and every
     model tensor present with the same shape; otherwise a UserError names the first offending keys."""
     sd = read_state_dict(src)
     try:

@@ -15,18 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
+from ..seeding import mix_seed
 from .decode import BadImage, decode_image
 
 log = logging.getLogger("maskgen")
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix64-style), stable across processes and Python versions."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return x >> 1
 
 
 class AugmentedImages(Dataset):
@@ -110,15 +102,23 @@ class ResumableLoader:
         return [[(epoch, self.indices[i]) for i in perm[k * gb + self.rank * b: k * gb + (self.rank + 1) * b]]
                 for k in range(self.batches_per_epoch)]
 
+    def epoch_batches(self, epoch: int, start: int = 0):
+        """This rank's collated batches of `epoch`, from batch number `start` on; unreadable images are counted
+        and logged."""
+        keys = self.epoch_keys(epoch)[start:]
+        loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, collate_fn=collate,
+                            worker_init_fn=_ignore_stop_signals, persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers else None)
+        for batch in loader:
+            for name, reason in batch["skipped"]:
+                self.skipped += 1
+                log.warning("skipped unreadable image %s (%s) [%d skipped so far]", name, reason, self.skipped)
+            yield batch
+
     def __iter__(self):
+        """Batches from the saved position on, epoch after epoch (forever)."""
         while True:
-            keys = self.epoch_keys(self.epoch)[self.batch:]
-            loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, collate_fn=collate,
-                                worker_init_fn=_ignore_stop_signals, persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
-            for batch in loader:
+            for batch in self.epoch_batches(self.epoch, self.batch):
                 self.batch += 1
-                for name, reason in batch["skipped"]:
-                    self.skipped += 1
-                    log.warning("skipped unreadable image %s (%s) [%d skipped so far]", name, reason, self.skipped)
                 yield batch
             self.epoch, self.batch = self.epoch + 1, 0

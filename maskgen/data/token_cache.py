@@ -30,11 +30,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import UserError
-from ..models.registry import model_config_dict
+from ..models.pretrained import from_pretrained, model_config_dict
 from ..progress import progress_bar
-from ..weights import from_pretrained
+from ..seeding import mix_seed
 from .decode import BadImage, decode_image
-from .loader import mix_seed
 from .sources import open_source
 from .transforms import INTERPOLATIONS, EvalTransform, PretrainTransform
 

@@ -15,37 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from ..weights import CONFIG_FILE, EMA_FILE, WEIGHTS_FILE, safe_torch_load, save_pretrained
-
-STATE_FILE = "training_state.pt"
-TRAINER_FILE = "trainer.json"
-TRAIN_CONFIG_FILE = "train_config.yaml"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_REQUIRED = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE, TRAINER_FILE)
-
-
-def step_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoint directories under `root`, sorted by step."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and all((d / f).is_file() for f in _REQUIRED):
-            out.append((int(m.group(1)), d))
-    return sorted(out)
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    dirs = step_dirs(root)
-    return dirs[-1][1] if dirs else None
+from ..models.pretrained import save_pretrained
+from ..weights import (EMA_FILE, STATE_FILE, TRAIN_CONFIG_FILE, TRAINER_FILE, WEIGHTS_FILE, safe_torch_load,
+                       step_dirs)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -88,8 +66,6 @@ def save_checkpoint(root: str | os.PathLike, step: int, release_model: torch.nn.
 
 def load_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict, dict | None]:
     """(release-model state, training state, trainer state, EMA state or None) of a checkpoint directory."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     model_state = load_file(str(directory / WEIGHTS_FILE))
     training_state = safe_torch_load(directory / STATE_FILE)

@@ -30,9 +30,14 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
 
 
+def scaled_lr(blr: float, batch_size: int) -> float:
+    """The MAE rule: lr = blr x batch_size / 256."""
+    return blr * batch_size / 256
+
+
 def effective_lr(optim_cfg, effective_batch: int) -> float:
-    """`optim.lr` when given, else the MAE rule lr = blr x effective_batch / 256."""
-    return optim_cfg.lr if optim_cfg.lr is not None else optim_cfg.blr * effective_batch / 256
+    """`optim.lr` when given, else the MAE rule on the effective batch."""
+    return optim_cfg.lr if optim_cfg.lr is not None else scaled_lr(optim_cfg.blr, effective_batch)
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,

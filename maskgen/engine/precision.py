@@ -7,6 +7,7 @@ explicit `bf16` that would be slower gets a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -48,3 +49,13 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         log.warning("train.precision=bf16 on a CPU where bf16 matmuls run at %.2gx the speed of fp32: expect a very "
                     "slow run; use train.precision=auto or fp32", speedup)
     return requested
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The autocast context of a resolved precision ('fp32', 'bf16' or 'fp16') on `device`."""
+    device_type = torch.device(device).type
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device_type, dtype=torch.float16)
+    return contextlib.nullcontext()

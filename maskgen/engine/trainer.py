@@ -18,21 +18,20 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import distributed as dist
 from ..config import Config, config_to_yaml
-from ..data.loader import AugmentedImages, ResumableLoader, mix_seed
-from ..data.sources import open_source
-from ..data.token_cache import CachedTokens, TokenCache
-from ..data.transforms import build_transform
+from ..data.loader import ResumableLoader
 from ..errors import UserError
-from ..methods import get_method
-from ..methods.base import HookContext
 from ..progress import progress_bar
-from . import dist
-from .checkpoint import TRAIN_CONFIG_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..registry import METHODS
+from ..seeding import mix_seed
+from ..weights import TRAIN_CONFIG_FILE, latest_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .ema import EMA
 from .logger import RunLogger, setup_logging
+from .method import HookContext
 from .optim import build_optimizer, effective_lr, lr_at, set_lr
-from .precision import resolve_precision
+from .precision import autocast, resolve_precision
 
 log = logging.getLogger("maskgen")
 
@@ -41,7 +40,8 @@ PREVIEW_IMAGES = 16
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = None) -> Path:
-    """Train `cfg.method`; returns the run directory. `resume`: None, "auto" or a checkpoint directory."""
+    """Train `cfg.method` (a registered method); returns the run directory. `resume`: None, "auto" or a checkpoint
+    directory."""
     rank, local_rank, _ = dist.env_world()
     setup_logging(rank)
     device = dist.resolve_device(cfg.train.device, local_rank)
@@ -80,6 +80,10 @@ class _StopFlag:
 
 
 class Trainer:
+    """`method` is the registered method (objective + data path), `model` the released model it trains (saved as
+    the weights of every checkpoint), `ddp` the method as the training step calls it: wrapped in
+    DistributedDataParallel when several processes run, the method itself otherwise."""
+
     def __init__(self, cfg: Config, device: torch.device, run_dir, resume):
         self.cfg, self.device = cfg, device
         self.rank, self.world = dist.rank(), dist.world_size()
@@ -90,13 +94,13 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         resume_from = self._find_resume(resume)
 
-        # method, then data (a token cache is checked against the method's tokenizer)
+        # method, then its data (a token cache is checked against the method's tokenizer)
         torch.manual_seed(tc.seed)  # parameter initialisation: identical on every rank
-        self.method = get_method(cfg.method).build(cfg).to(device)
         self.memory_format = torch.channels_last if tc.memory_format == "channels_last" else torch.contiguous_format
-        self.method.to(memory_format=self.memory_format)  # 4-D weights only; the saved weights are made contiguous
-        self.release = self.method.release_model()
-        dataset, self.source_description = self._dataset()
+        # memory_format applies to 4-D weights only; saved weights are made contiguous
+        self.method = METHODS.get(cfg.method).from_config(cfg).to(device, memory_format=self.memory_format)
+        self.model = self.method.release_model()
+        dataset, self.source_description = self.method.build_dataset(cfg)
         self.loader = ResumableLoader(dataset, tc.batch_size, tc.seed, self.rank, self.world,
                                       cfg.data.num_workers, cfg.data.limit)
         self.effective_batch = tc.batch_size * tc.accum_steps * self.world
@@ -107,19 +111,17 @@ class Trainer:
         self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.optimizer = build_optimizer(self.method, cfg.optim, self.base_lr)
         self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
-        self.ema = EMA(self.release, tc.ema_decay) if tc.ema_decay > 0 else None
+        self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
         self.step = 0
         if resume_from is not None:
             self._load(resume_from)
 
-        self.model = self.method
+        self.ddp = self.method
         if self.world > 1:
-            self.model = DistributedDataParallel(
+            self.ddp = DistributedDataParallel(
                 self.method, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=cfg.dist.find_unused_parameters)
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else
-                         torch.autocast(device.type, dtype=torch.float16) if tc.precision == "fp16" else
-                         contextlib.nullcontext())
+        self.autocast = autocast(tc.precision, device)
         self.config_yaml = config_to_yaml(cfg)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,18 +132,6 @@ class Trainer:
         self.preview = None
 
     # ------------------------------------------------------------------------------ set-up helpers
-    def _dataset(self):
-        """(dataset in the loader's (epoch, index) protocol, description): images, or cached tokens."""
-        data = self.cfg.data
-        if data.token_cache:
-            cache = TokenCache(data.token_cache)
-            cache.check(tokenizer=getattr(self.release, "tokenizer", None), image_size=data.image_size,
-                        crop_scale=data.crop_scale, interpolation=data.interpolation)
-            return CachedTokens(cache, self.cfg.train.seed, data.views, data.hflip), f"token cache {data.token_cache} ({len(cache)} images, " \
-                f"{cache.views} views + flips)"
-        source = open_source(data.path, data.split)
-        return AugmentedImages(source, build_transform(data), self.cfg.train.seed, data.views), source.description
-
     def _find_resume(self, resume) -> Path | None:
         latest = latest_checkpoint(self.ckpt_root)
         if resume is None:
@@ -161,7 +151,7 @@ class Trainer:
 
     def _load(self, directory: Path) -> None:
         model_state, state, trainer, ema_state = load_checkpoint(directory)
-        self.release.load_state_dict(model_state)
+        self.model.load_state_dict(model_state)
         extra = state.get("method_extra", {})
         if extra:
             missing, unexpected = self.method.load_state_dict({**self._release_prefixed(model_state), **extra},
@@ -189,12 +179,12 @@ class Trainer:
         log.info("resumed from %s (step %d)", directory, self.step)
 
     def _release_prefixed(self, release_state: dict) -> dict:
-        prefix = next(name for name, mod in self.method.named_modules() if mod is self.release)
+        prefix = next(name for name, mod in self.method.named_modules() if mod is self.model)
         return {(f"{prefix}.{k}" if prefix else k): v for k, v in release_state.items()}
 
     def _method_extra_state(self) -> dict:
         """Method tensors outside the release model (e.g. a discriminator)."""
-        release_keys = set(self._release_prefixed(self.release.state_dict()))
+        release_keys = set(self._release_prefixed(self.model.state_dict()))
         return {k: v for k, v in self.method.state_dict().items() if k not in release_keys}
 
     def _write_config(self, resumed: bool) -> None:
@@ -246,7 +236,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                     img_s=f"{metrics['img_per_s']:.0f}", refresh=False)
                     window, window_images, window_start = {}, 0, time.perf_counter()
-                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
+                if cfg.vis.every and self.step % cfg.vis.every == 0:
                     self._run_hooks()
                 stopped_by = stop.signal if dist.any_rank(stop.signal is not None, self.device) else None
                 if stopped_by or self.step % cfg.train.save_every == 0 or self.step == self.stop_step:
@@ -254,7 +244,7 @@ class Trainer:
                 if stopped_by:
                     break
         bar.close()
-        if not stopped_by and (not cfg.log.sample_every or self.step % cfg.log.sample_every):
+        if not stopped_by and (not cfg.vis.every or self.step % cfg.vis.every):
             self._run_hooks()
         self.logger.close()
         if self.main:
@@ -281,7 +271,7 @@ class Trainer:
         tc = self.cfg.train
         set_lr(self.optimizer, lr_at(self.step, self.base_lr, self.total_steps, self.warmup_steps,
                                      self.cfg.schedule.min_lr, self.cfg.schedule.name))
-        self.model.train()
+        self.ddp.train()
         logs: dict = {}
         images = 0
         for micro in range(tc.accum_steps):
@@ -292,8 +282,8 @@ class Trainer:
             seed = mix_seed(tc.seed, self.rank, self.step, micro)
             torch.manual_seed(seed)  # dropout / masking: a function of (seed, rank, step), hence exact resume
             sync = micro == tc.accum_steps - 1 or self.world == 1
-            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
-                loss, micro_logs = self.model(batch)
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self.autocast:
+                loss, micro_logs = self.ddp(batch)
             scaled = loss / tc.accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             for k, v in {"loss": loss.detach(), **micro_logs}.items():
@@ -314,7 +304,7 @@ class Trainer:
             log.warning("step %d: non-finite loss or gradient; the update is skipped", self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.release)
+            self.ema.update(self.model)
         self.step += 1
         logs["grad_norm"] = grad_norm
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -337,6 +327,7 @@ class Trainer:
         if self.main and hooks:
             self.method.eval()
             ctx = HookContext(step=self.step, run_dir=self.run_dir, device=self.device, images=self.preview,
+                              num_images=self.cfg.vis.num_images, sampler_options=dict(self.cfg.vis.sampler),
                               log=lambda m: self.logger.log(self.step, m),
                               log_image=lambda tag, img: self.logger.image(tag, img, self.step))
             with torch.no_grad():
@@ -349,9 +340,9 @@ class Trainer:
             ema_state = None
             if self.ema is not None:
                 ema_state = {k: self.ema.shadow[k].to(v.dtype) if k in self.ema.shadow else v
-                             for k, v in self.release.state_dict().items()}
+                             for k, v in self.model.state_dict().items()}
             save_checkpoint(
-                self.ckpt_root, self.step, self.release,
+                self.ckpt_root, self.step, self.model,
                 training_state={"optimizer": self.optimizer.state_dict(),
                                 "scaler": self.scaler.state_dict() if self.scaler else {},
                                 "method_extra": self._method_extra_state()},

@@ -13,22 +13,24 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.decode import BadImage, decode_image
+from ..data.loader import subset
+from ..data.sources import open_source
+from ..data.transforms import EvalTransform
 from ..errors import UserError
+from ..models import from_pretrained
 from ..progress import progress_bar
+from ..weights import TRAIN_CONFIG_FILE, WEIGHTS_FILE, resolve_weights_dir
 
 
 def load_encoder(ckpt: str | os.PathLike, device: str = "cpu") -> nn.Module:
     """The model saved in `ckpt` (weights / checkpoint / run directory), in eval mode; it must have
     `forward_features`. `model.trained_image_size` records `data.image_size` of the training run when the
     checkpoint has its train_config.yaml (the tokenizer's config has no image size of its own)."""
-    import yaml
-
-    from ..engine.checkpoint import TRAIN_CONFIG_FILE
-    from ..weights import from_pretrained, resolve_weights_dir
-
     model = from_pretrained(ckpt, device=device)
     if not hasattr(model, "forward_features"):
         raise UserError(f"{ckpt} holds a '{model.model_name}' model, which has no features to extract")
@@ -62,11 +64,6 @@ def compute_features(model: nn.Module, data: str, split: str, *, pool: str = "me
     """Features of the images of `data` (a folder, shards, 'cifar10' or 'mnist5k'; `split` for named sets):
     (features float32 [N, D], labels int64 [N], -1 = unlabeled). `limit` > 0 takes the same fixed random subset
     as `data.limit` in training (every class of a class-sorted source); unreadable images are skipped."""
-    from ..data.decode import BadImage, decode_image
-    from ..data.loader import subset
-    from ..data.sources import open_source
-    from ..data.transforms import EvalTransform
-
     if pool not in ("mean", "cls"):
         raise UserError(f"pool must be 'mean' or 'cls', got {pool!r}")
     if batch_size < 1:
@@ -103,10 +100,23 @@ def compute_features(model: nn.Module, data: str, split: str, *, pool: str = "me
     return torch.cat(feats).contiguous(), torch.tensor(labels, dtype=torch.long)
 
 
+def extract_features(ckpt: str | os.PathLike, data: str, out: str | os.PathLike, split: str = "train",
+                     pool: str = "mean", image_size: int | None = None, batch_size: int = 64, limit: int = 0,
+                     device: str = "cpu", progress: bool = True) -> Path:
+    """`maskgen features`: features of every image of `data` (see `compute_features`) into a safetensors file
+    with `features` float32 [N, D] and `labels` int64 [N] (-1 = unlabeled)."""
+    model = load_encoder(ckpt, device)
+    feats, labels = compute_features(model, data, split, pool=pool, image_size=image_size, batch_size=batch_size,
+                                     limit=limit, device=device, progress=progress)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": feats, "labels": labels}, str(out),
+              metadata={"ckpt": str(ckpt), "data": str(data), "split": split, "pool": pool})
+    return out
+
+
 def _cache_key(ckpt: str | os.PathLike, **fields) -> str:
     """A hash of the resolved weights (path, size, mtime) and the extraction settings."""
-    from ..weights import WEIGHTS_FILE, resolve_weights_dir
-
     weights = resolve_weights_dir(ckpt) / WEIGHTS_FILE
     st = weights.stat()
     text = json.dumps({"weights": str(weights.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, **fields},

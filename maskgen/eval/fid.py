@@ -30,7 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..models.efficientnet_lite0 import efficientnet_lite0, pooled_features
 from ..progress import progress_bar
+from ..weights import safe_torch_load
 from .frechet import frechet_distance_features
 from .image_sets import GeneratedImages, open_image_set
 
@@ -56,14 +58,10 @@ class Lite0Extractor:
     name, label = "lite0", "-lite0"
 
     def __init__(self, device: str):
-        from ..models.efficientnet_lite0 import efficientnet_lite0
-
         self.model, self.device = efficientnet_lite0(pretrained=True).to(device), device
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..models.efficientnet_lite0 import pooled_features
-
         feats = pooled_features(self.model, images.to(self.device).float() / 255)
         return feats.float().cpu(), self.model.classifier(feats).float().cpu()
 
@@ -76,8 +74,6 @@ class InceptionExtractor:
 
     def __init__(self, weights: str | os.PathLike, device: str):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        from ..weights import safe_torch_load
 
         safe_torch_load(weights)  # refuses a file that would unpickle code
         self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
@@ -173,10 +169,10 @@ def fid_metrics(feats1: torch.Tensor, logits1: torch.Tensor, feats2: torch.Tenso
 def evaluate_fid(input1: str, input2: str, *, extractor: str = "auto", inception_weights: str | None = None,
                  metrics=METRICS, image_size: int | None = None, limit: int = 0, num_gen: int = 1000, seed: int = 0,
                  batch_size: int = 64, cache_dir: str | os.PathLike | None = None, device: str = "cpu",
-                 progress: bool = True) -> dict:
-    """Compare image set `input1` (generated: a folder, shards, a named dataset or a MAGE checkpoint) with
-    `input2` (reference). Returns {the metrics (see `fid_metrics`), "extractor", "input1", "input2", "num1",
-    "num2", "image_size"}."""
+                 progress: bool = True, sampler_options: dict | None = None) -> dict:
+    """Compare image set `input1` (generated: a folder, shards, a named dataset or the checkpoint of a model that
+    generates, `num_gen` images with its sampler and `sampler_options`) with `input2` (reference). Returns
+    {the metrics (see `fid_metrics`), "extractor", "input1", "input2", "num1", "num2", "image_size"}."""
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise UserError(f"unknown metric(s) {', '.join(bad) or '(none)'} (choose from {', '.join(METRICS)})")
@@ -184,7 +180,7 @@ def evaluate_fid(input1: str, input2: str, *, extractor: str = "auto", inception
         raise UserError("--batch-size must be >= 1 and --image-size >= 8")
     ext = build_extractor(extractor, inception_weights, device)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    sets = [open_image_set(s, image_size, limit, num_gen, seed, device) for s in (input1, input2)]
+    sets = [open_image_set(s, image_size, limit, num_gen, seed, device, sampler_options) for s in (input1, input2)]
     f1, l1 = set_features(sets[0], ext, batch_size, cache, progress)
     same = str(input1) == str(input2) and not isinstance(sets[0], GeneratedImages)
     f2 = f1 if same else set_features(sets[1], ext, batch_size, cache, progress)[0]

@@ -1,4 +1,4 @@
-"""The two image sets of `maskgen eval fid`: folders, shards, named datasets, or a MAGE model that generates.
+"""The two image sets of `maskgen eval fid`: folders, shards, named datasets, or a checkpoint whose model generates.
 
 Every set yields uint8 batches [B, 3, H, W] (one H, W per set). Images of a named dataset ('cifar10-test',
 'mnist5k-train', ...) are decoded once from their source files to RGB pixels and passed on in memory, never
@@ -15,7 +15,12 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from ..data.decode import BadImage, decode_image
+from ..data.loader import subset
+from ..data.sources import open_source
 from ..errors import UserError
+from ..generation import generated_batches, load_generator_model
+from ..sampling import sampler_for
 
 log = logging.getLogger("maskgen")
 NAMED = ("cifar10", "mnist5k")
@@ -43,13 +48,10 @@ class SourceImages:
     """Images of a `maskgen.data.sources` source (folder, shards, named dataset), labels ignored."""
 
     def __init__(self, spec: str, image_size: int | None = None, limit: int = 0):
-        from ..data.loader import subset
-        from ..data.sources import open_source
-
         named = parse_named(spec)
         if named is None and not Path(spec).exists() and ".tar" not in spec and "{" not in spec:
             raise UserError(f"image set not found: {spec} (a folder, shards, {', '.join(NAMED)}[-train|-test], or "
-                            f"a MAGE checkpoint)")
+                            f"a checkpoint of a model that generates)")
         self.source = open_source(*named) if named else open_source(spec)
         self.indices = subset(len(self.source), limit)
         self.name, self.image_size, self.limit = spec, image_size, limit
@@ -59,8 +61,6 @@ class SourceImages:
         return len(self.indices)
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        from ..data.decode import BadImage, decode_image
-
         target, batch, resized = None, [], 0
         for i in self.indices:
             s = self.source[i]
@@ -84,28 +84,24 @@ class SourceImages:
 
 
 class GeneratedImages:
-    """`num_images` images generated from scratch by a MAGE checkpoint (MaskGIT decoding, image i seeded by
-    (seed, i) as `maskgen generate`)."""
+    """`num_images` images generated from scratch by a checkpoint's model with its sampler (`sampler_options` over
+    the sampler's defaults), image i seeded by (seed, i) as `maskgen generate`."""
 
-    def __init__(self, ckpt: str, num_images: int, seed: int = 0, num_iter: int = 12,
-                 choice_temperature: float = 4.5, device: str = "cpu"):
-        from ..generation import load_generator_model
-
+    def __init__(self, ckpt: str, num_images: int, seed: int = 0, device: str = "cpu", **sampler_options):
         if num_images < 2:
             raise UserError("--num-gen must be at least 2 to generate images from a model")
         self.model = load_generator_model(ckpt, device)
+        sampler_for(self.model, **sampler_options)  # bad options fail here, before any image is made
         self.name, self.num_images, self.seed, self.device = ckpt, num_images, seed, device
-        self.num_iter, self.choice_temperature = num_iter, choice_temperature
+        self.sampler_options = sampler_options
         self.cache_id = None
 
     def __len__(self) -> int:
         return self.num_images
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        from ..generation import generated_batches
-
-        for images in generated_batches(self.model, self.num_images, batch_size, self.seed, self.num_iter,
-                                        self.choice_temperature, device=self.device):
+        for images in generated_batches(self.model, self.num_images, batch_size, self.seed, self.device,
+                                        **self.sampler_options):
             yield (images * 255).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -116,8 +112,9 @@ def is_checkpoint(spec: str) -> bool:
 
 
 def open_image_set(spec: str, image_size: int | None = None, limit: int = 0, num_gen: int = 1000, seed: int = 0,
-                   device: str = "cpu"):
-    """A folder / shards / named dataset (SourceImages) or a MAGE checkpoint (GeneratedImages, `num_gen` images)."""
+                   device: str = "cpu", sampler_options: dict | None = None):
+    """A folder / shards / named dataset (SourceImages) or a checkpoint of a model that generates (GeneratedImages,
+    `num_gen` images, `sampler_options` for its sampler)."""
     if is_checkpoint(spec):
-        return GeneratedImages(spec, num_gen, seed, device=device)
+        return GeneratedImages(spec, num_gen, seed, device=device, **(sampler_options or {}))
     return SourceImages(spec, image_size, limit)

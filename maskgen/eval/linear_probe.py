@@ -18,9 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.optim import LARS, lr_at, set_lr
+from ..engine.optim import LARS, lr_at, scaled_lr, set_lr
+from ..data.loader import AugmentedImages, ResumableLoader
+from ..data.sources import open_source
+from ..data.transforms import PretrainTransform
 from ..errors import UserError
 from ..progress import progress_bar
+from .features import model_image_size
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
 DEFAULT_BLR = {"lars": 0.1, "sgd": 0.1, "adamw": 1e-3}
@@ -116,7 +120,7 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
     torch.manual_seed(seed)
     train_x, test_x = train_x.float(), test_x.float()
     batch_size = min(batch_size, len(train_x))
-    lr = DEFAULT_BLR[optimizer] * batch_size / 256 if lr is None else lr
+    lr = scaled_lr(DEFAULT_BLR[optimizer], batch_size) if lr is None else lr
     head = probe_head(train_x.shape[1], num_classes)
     g = torch.Generator().manual_seed(seed)
     steps = len(train_x) // batch_size
@@ -145,12 +149,6 @@ def train_linear_probe_augmented(model: nn.Module, data: str, split: str, test_x
     """The paper path: the head is trained on features of fresh RandomResizedCrop(scale 0.2-1) + flip views of
     `data` (frozen `model`, eval mode, no grad), and evaluated on precomputed centre-crop test_x [M, D] / test_y.
     Augmentation is keyed by (seed, epoch, index), as in pre-training. Returns what `train_linear_probe` does."""
-    from ..data.loader import AugmentedImages, ResumableLoader, collate
-    from ..data.sources import open_source
-    from ..data.transforms import PretrainTransform
-    from .features import model_image_size
-    from torch.utils.data import DataLoader
-
     if optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer '{optimizer}' (choose {', '.join(OPTIMIZERS)})")
     source = open_source(data, split)
@@ -161,12 +159,11 @@ def train_linear_probe_augmented(model: nn.Module, data: str, split: str, test_x
     num_classes = max(int(test_y.max()) + 1, len(source.classes))
     torch.manual_seed(seed)
     head = probe_head(test_x.shape[1], num_classes).to(device)
-    lr = DEFAULT_BLR[optimizer] * loader.batch_size / 256 if lr is None else lr
+    lr = scaled_lr(DEFAULT_BLR[optimizer], loader.batch_size) if lr is None else lr
     model.eval()
 
     def epoch_batches(epoch):
-        keys = loader.epoch_keys(epoch)
-        for batch in DataLoader(dataset, batch_sampler=keys, num_workers=num_workers, collate_fn=collate):
+        for batch in loader.epoch_batches(epoch):
             if "label" not in batch:
                 continue
             y = batch["label"].to(device)

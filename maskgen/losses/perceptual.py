@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..models.efficientnet_lite0 import efficientnet_lite0, feature_maps
 from ..weights import safe_torch_load
 
 NETWORKS = ("lite0", "lpips-vgg")
@@ -50,14 +51,10 @@ class _Lite0Trunk(nn.Module):
 
     def __init__(self, size: int):
         super().__init__()
-        from ..models.efficientnet_lite0 import efficientnet_lite0
-
         self.net = efficientnet_lite0(pretrained=True)
         self.size = size
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        from ..models.efficientnet_lite0 import feature_maps
-
         return feature_maps(self.net, images, self.size)
 
 

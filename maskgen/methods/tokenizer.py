@@ -22,23 +22,22 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as tdist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from torchvision.utils import make_grid, save_image
 
-from ..config import option
+from ..distributed import broadcast_, mean_over_ranks
+from ..engine.method import HookContext, Method
 from ..errors import ConfigError
 from ..losses import (GAN_LOSSES, PerceptualLoss, adaptive_weight, build_discriminator, d_loss, g_loss,
                       r1_penalty)
+from ..losses.metrics import psnr
 from ..models.vqgan import VQGAN, VQGANConfig
-from . import MethodSpec
-from .base import HookContext, Method
+from ..options import Options, option
+from ..registry import METHODS
 
 
 @dataclass
-class TokenizerLossConfig:
+class TokenizerObjective(Options):
     """Defaults: pixel + VQ losses only (fast); the presets turn on the rest of MaskGIT's recipe."""
 
     recon: str = option("l1", "pixel reconstruction loss", choices=("l1", "l2"))
@@ -70,40 +69,14 @@ class TokenizerLossConfig:
     entropy_weight: float = option(0.0, "weight of the codebook entropy loss against dead codes (MaskGIT: 0.1)",
                                    min=0.0)
     entropy_temperature: float = option(0.01, "softmax temperature on negative code distances (MaskGIT: 0.01)",
-                                        min=0.0)
+                                        gt=0.0)
     restart_every: int = option(0, "dead-code restarts: every N optimizer steps (and at step 0, which initialises "
                                    "the codebook from data), codes unused since the last restart move onto random "
                                    "encoder outputs of the batch (0: off)", min=0)
 
-    def __post_init__(self):
-        if self.entropy_temperature <= 0:
-            raise ConfigError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
+    def validate(self):
         if self.r1_weight > 0 and self.disc == "none":
             raise ConfigError("r1_weight > 0 needs a discriminator (set disc=patch or disc=stylegan)")
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean PSNR (dB) of images in [0,1], [B,3,H,W]."""
-    mse = (x.clamp(0, 1) - y).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (-10 * torch.log10(mse)).mean()
-
-
-def world_size() -> int:
-    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
-
-
-def mean_over_ranks(t: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-    """The average of `t` over the DDP ranks (identity in a single process). `differentiable`: through
-    torch.distributed.nn's all_reduce, whose backward sums the gradients of every rank's copy, so that DDP's
-    gradient averaging then gives exactly the single-process gradient of a whole-batch statistic."""
-    world = world_size()
-    if world == 1:
-        return t
-    if differentiable:
-        return dist_nn.all_reduce(t) / world
-    t = t.detach().clone()
-    tdist.all_reduce(t)
-    return t / world
 
 
 def codebook_entropy_loss(z: torch.Tensor, codebook: torch.Tensor, temperature: float, average=None):
@@ -125,11 +98,18 @@ def codebook_entropy_loss(z: torch.Tensor, codebook: torch.Tensor, temperature: 
     return sample_entropy - mean_entropy, sample_entropy, mean_entropy
 
 
+@METHODS.register("tokenizer", model=VQGANConfig, options=TokenizerObjective,
+                  summary="VQGAN tokenizer (MaskGIT/MAGE architecture): pixel + perceptual + VQ + entropy + "
+                          "adversarial losses")
 class TokenizerMethod(Method):
     """`vqgan` (released) + optional `disc` (trained, kept in the training state) + optional frozen
     `perceptual` (never saved). `image_size` is only needed by the StyleGAN discriminator."""
 
-    def __init__(self, model_cfg: VQGANConfig, loss_cfg: TokenizerLossConfig, image_size: int = 256):
+    @classmethod
+    def from_config(cls, cfg) -> "TokenizerMethod":
+        return cls(cfg.model, cfg.objective, cfg.data.image_size)
+
+    def __init__(self, model_cfg: VQGANConfig, loss_cfg: TokenizerObjective, image_size: int = 256):
         super().__init__()
         self.vqgan = VQGAN(model_cfg)
         self.loss_cfg = loss_cfg
@@ -199,8 +179,7 @@ class TokenizerMethod(Method):
         if len(dead):
             candidates = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
             new = candidates[torch.randint(len(candidates), (len(dead),), device=z.device)].float()
-            if world_size() > 1:
-                tdist.broadcast(new, src=0)
+            broadcast_(new, src=0)
             weight = self.vqgan.quantize.embedding.weight
             weight[dead] = new.to(weight.dtype)
         self.code_usage.zero_()
@@ -240,7 +219,7 @@ class TokenizerMethod(Method):
         return [reconstruction_grid]
 
 
-def _check_disc(cfg: TokenizerLossConfig, image_size: int) -> None:
+def _check_disc(cfg: TokenizerObjective, image_size: int) -> None:
     if cfg.disc == "stylegan" and (image_size < 8 or 2 ** int(math.log2(image_size)) != image_size):
         raise ConfigError(f"loss.disc=stylegan needs a power-of-two data.image_size >= 8, got {image_size}")
     if cfg.disc == "patch" and image_size // 2 ** cfg.disc_layers < 3:
@@ -256,19 +235,6 @@ def reconstruction_grid(method: TokenizerMethod, ctx: HookContext) -> None:
     x = ctx.images.to(ctx.device)
     codes = method.vqgan.encode(x)
     y = method.vqgan.decode(codes)
-    grid = make_grid(torch.cat([x, y]).cpu(), nrow=min(8, len(x)))
-    out = ctx.run_dir / "samples" / f"recon_step_{ctx.step:08d}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, out)
+    ctx.save_grid(torch.cat([x, y]), "reconstructions", prefix="recon_", nrow=min(8, len(x)))
     stats = method.vqgan.codebook_stats(codes)
     ctx.log({"eval/psnr": float(psnr(y, x)), "eval/usage": float(stats["usage"])})
-    ctx.log_image("reconstructions", grid)
-
-
-SPEC = MethodSpec(
-    name="tokenizer",
-    summary="VQGAN tokenizer (MaskGIT/MAGE architecture): pixel + perceptual + VQ + entropy + adversarial losses",
-    model_config=VQGANConfig,
-    loss_config=TokenizerLossConfig,
-    build=lambda cfg: TokenizerMethod(cfg.model, cfg.loss, cfg.data.image_size),
-)

@@ -1,2 +1,7 @@
-"""Models. Each file holds one architecture; `registry.create_model(name)` builds any of them."""
-from .registry import create_model, model_class, register_model  # noqa: F401
+"""Models: one architecture per file, each registered in `maskgen.registry.MODELS` by name.
+
+Importing this package registers every built-in model; `from_pretrained(DIR)` rebuilds any registered model
+from a weights directory, `create_model(name, **config)` builds one from scratch.
+"""
+from . import classifier, mage, vqgan  # noqa: F401  (registers the built-in models)
+from .pretrained import create_model, from_pretrained, model_config_dict, save_pretrained  # noqa: F401

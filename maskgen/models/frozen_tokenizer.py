@@ -2,7 +2,7 @@
 
 `model.tokenizer` is NOT a registered sub-module: it is absent from `state_dict()` / `parameters()` (never
 trained, never in the optimizer), kept in eval mode, moved by `.to()` / `.cuda()` / `.float()` with the model,
-and saved by `weights.save_pretrained` in the `tokenizer/` sub-folder of a weights directory (re-attached by
+and saved by `models.save_pretrained` in the `tokenizer/` sub-folder of a weights directory (re-attached by
 `maskgen.from_pretrained`).
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 
 from torch import nn
+
+from .pretrained import from_pretrained, save_pretrained
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -56,8 +58,6 @@ class FrozenTokenizerMixin:
 
     def save_attachments(self, directory: str | os.PathLike) -> None:
         """Write the tokenizer (if any) as a weights directory `directory/tokenizer/`, replacing an old one."""
-        from ..weights import save_pretrained
-
         sub = Path(directory) / TOKENIZER_DIR
         if sub.exists():
             shutil.rmtree(sub)
@@ -66,8 +66,6 @@ class FrozenTokenizerMixin:
 
     def load_attachments(self, directory: str | os.PathLike) -> None:
         """Attach the tokenizer saved in `directory/tokenizer/`, if there is one."""
-        from ..weights import from_pretrained
-
         sub = Path(directory) / TOKENIZER_DIR
         if (sub / "config.json").is_file():
             self.set_tokenizer(from_pretrained(sub))

@@ -6,8 +6,8 @@ the dropped tokens -> ViT encoder -> norm -> latent [B, 1+L-dropped, D] -> decod
 padded with the [C] feature (decoder embedding of output 0), kept outputs scattered back, all masked
 positions overwritten with [C] -> + learned decoder position embedding -> decoder blocks -> decoder_norm ->
 MlmLayer (fc, exact GELU, LayerNorm(1e-5), logits against the detached word-embedding table + bias)
--> logits [B, 1+L, vocab]. The loss is label-smoothed cross-entropy over all masked tokens (dropped ones
-included) on the codebook logits. Reference: shared/reference/mage.md §2.
+-> logits [B, 1+L, vocab]. The pre-training objective (masks, loss) is the MAGE method's (`methods/mage.py`).
+Facts from the official `models_mage.py` (github.com/LTH14/mage).
 
 Parameter names equal the official `models_mage.py` wherever a parameter exists in both, so the official
 checkpoint converts with the identity key map (`maskgen.convert.mage`); the official model's dead tensors
@@ -22,19 +22,18 @@ VQGAN that is NOT a registered sub-module (absent from state_dict / parameters /
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import option
 from ..errors import ConfigError, UserError
-from ..masking import TruncatedNormalRatio, token_masks
+from ..options import Options, option
+from ..registry import MODELS
+from ..sampling.maskgit import token_region
 from .frozen_tokenizer import FrozenTokenizerMixin
-from .registry import register_model
-from .vit import Block, init_vit_weights
+from .layers import Block, init_vit_weights
 
 
 # The official class-conditional vocabulary (MaskGIT's): codebook, 1000 legacy class rows, then [MASK].
@@ -43,8 +42,9 @@ _LEGACY_FAKE_CLASS_OFFSET = 1100 - 1024  # [C0] id = codebook_size + 1100 - 1024
 
 
 @dataclass
-class MAGEConfig:
-    """Defaults are the official ViT-B MAGE (`mage_vit_base_patch16`) on the 256-px, 16x16-token tokenizer."""
+class MAGEConfig(Options):
+    """The architecture; defaults are the official ViT-B MAGE (`mage_vit_base_patch16`) on the 256-px, 16x16-token
+    tokenizer. The pre-training objective (masking ratios, label smoothing) is the method's (`methods/mage.py`)."""
 
     image_size: int = option(256, "side of the square images the tokenizer reads (image_size = token_grid x its "
                                   "downsampling factor)", min=1)
@@ -59,41 +59,15 @@ class MAGEConfig:
     decoder_embed_dim: int = option(768, "decoder width (official: equal to the encoder width)", min=1)
     decoder_depth: int = option(8, "decoder blocks", min=1)
     decoder_num_heads: int = option(16, "decoder attention heads (official ViT-B: 16, head dim 48)", min=1)
-    mlp_ratio: float = option(4.0, "MLP hidden width / block width", min=0.0)
+    mlp_ratio: float = option(4.0, "MLP hidden width / block width", gt=0.0)
     dropout: float = option(0.1, "dropout of the embeddings, attention weights, projections and MLPs "
-                                 "(official: 0.1 everywhere)", min=0.0, max=1.0)
-    mask_ratio_mu: float = option(0.55, "masking-ratio truncated normal: centre before truncation")
-    mask_ratio_std: float = option(0.25, "masking-ratio truncated normal: std before truncation", min=0.0)
-    mask_ratio_min: float = option(0.5, "lowest masking ratio; ceil(L x this) tokens are always dropped from "
-                                        "the encoder", min=0.0, max=1.0)
-    mask_ratio_max: float = option(1.0, "highest masking ratio", min=0.0, max=1.0)
-    label_smoothing: float = option(0.1, "label smoothing of the token cross-entropy", min=0.0, max=1.0)
-    ratio_per_sample: bool = option(False, "draw one masking ratio per sample (False: one per batch, official)")
+                                 "(official: 0.1 everywhere)", min=0.0, lt=1.0)
 
-    def __post_init__(self):
-        for name in ("image_size", "token_grid", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-                     "decoder_depth", "decoder_num_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.codebook_size < 2:
-            raise ConfigError(f"codebook_size must be >= 2, got {self.codebook_size}")
-        if self.vocab_layout not in ("official", "compact"):
-            raise ConfigError(f"vocab_layout must be 'official' or 'compact', got {self.vocab_layout!r}")
+    def validate(self):
         for width, heads, what in ((self.embed_dim, self.num_heads, ""), (self.decoder_embed_dim,
                                                                           self.decoder_num_heads, "decoder_")):
             if width % heads:
                 raise ConfigError(f"{what}embed_dim {width} is not divisible by {what}num_heads {heads}")
-        if self.mlp_ratio <= 0:
-            raise ConfigError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.mask_ratio_min <= self.mask_ratio_max <= 1:
-            raise ConfigError(f"need 0 <= mask_ratio_min <= mask_ratio_max <= 1, got "
-                              f"{self.mask_ratio_min}, {self.mask_ratio_max}")
-        if self.mask_ratio_std < 0:
-            raise ConfigError(f"mask_ratio_std must be >= 0, got {self.mask_ratio_std}")
         if self.image_size % self.token_grid:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of token_grid {self.token_grid}")
 
@@ -102,11 +76,6 @@ class MAGEConfig:
     def num_tokens(self) -> int:
         """L, the image tokens per sample."""
         return self.token_grid ** 2
-
-    @property
-    def num_dropped(self) -> int:
-        """Tokens dropped from the encoder in training: ceil(L x mask_ratio_min) (128 of 256 officially)."""
-        return int(math.ceil(self.num_tokens * self.mask_ratio_min))
 
     @property
     def vocab_size(self) -> int:
@@ -165,7 +134,7 @@ class MlmLayer(nn.Module):
         return h @ word_embeddings.t() + self.bias
 
 
-@register_model("mage", MAGEConfig)
+@MODELS.register("mage", config=MAGEConfig)
 class MAGE(FrozenTokenizerMixin, nn.Module):
     """MAGE encoder-decoder over VQGAN tokens; see the module docstring for the data flow.
 
@@ -173,6 +142,10 @@ class MAGE(FrozenTokenizerMixin, nn.Module):
     image inputs are floats [B, 3, H, W] in [0, 1], tokenized by the attached `tokenizer`.
     Masks are bool [B, L] (True = masked / dropped) over the image tokens only; [C0] is never masked.
     """
+
+    # options of the pre-training objective that config.json files written before they moved to the method hold
+    legacy_config_keys = ("mask_ratio_mu", "mask_ratio_std", "mask_ratio_min", "mask_ratio_max", "label_smoothing",
+                          "ratio_per_sample")
 
     def __init__(self, config: MAGEConfig):
         super().__init__()
@@ -188,8 +161,6 @@ class MAGE(FrozenTokenizerMixin, nn.Module):
             for _ in range(c.decoder_depth))
         self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=1e-6)
         self.mlm_layer = MlmLayer(c.decoder_embed_dim, c.embed_dim, c.vocab_size)
-        self.ratio_sampler = TruncatedNormalRatio(c.mask_ratio_mu, c.mask_ratio_std, c.mask_ratio_min,
-                                                  c.mask_ratio_max)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -229,6 +200,27 @@ class MAGE(FrozenTokenizerMixin, nn.Module):
         if codes.dim() == 2:
             codes = codes.view(codes.shape[0], self.config.token_grid, self.config.token_grid)
         return self.tokenizer.decode(codes)
+
+    # ---------------------------------------------- what samplers see (maskgen.sampling.base: the protocol)
+    default_sampler = "maskgit"  # generation and editing: MaskGIT iterative decoding over the codes
+
+    def check_can_sample(self) -> None:
+        """Raise UserError when no tokenizer is attached (sampled codes could not become images)."""
+        if self.tokenizer is None:
+            raise UserError("this MAGE model has no tokenizer/ folder, so its tokens cannot be turned into images")
+
+    def decode_samples(self, samples: torch.Tensor) -> torch.Tensor:
+        """Sampled codes [B, h, w] -> images [B, 3, H, W] in [0, 1] (`decode_tokens`)."""
+        return self.decode_tokens(samples)
+
+    def encode_samples(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> codes [B, h, w], the sample space edits work in (`encode_images`)."""
+        return self.encode_images(images)
+
+    def sample_region(self, pixel_mask: torch.Tensor, dilate: int = 0) -> torch.Tensor:
+        """Pixel mask [B, H, W] or [H, W] (True = regenerate) -> token mask [B, h, w] or [h, w]: the tokens that
+        overlap it, grown by `dilate` tokens (`maskgen.sampling.maskgit.token_region`)."""
+        return token_region(pixel_mask, self.config.downsample_factor, dilate)
 
     def as_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] (floats, tokenized) or tokens [B, h, w] / [B, L] (long) -> tokens [B, L] long."""
@@ -313,53 +305,6 @@ class MAGE(FrozenTokenizerMixin, nn.Module):
         mask = mask.reshape(mask.shape[0], -1).bool()
         tokens = tokens.masked_fill(mask, 0)
         return self(tokens, mask)[:, 1:, : self.config.codebook_size].float()
-
-    # ----------------------------------------------------------------------------------- training
-    def sample_masks(self, batch: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None):
-        """(ratio float64 [batch], drop_mask [B, L], mask [B, L]): the pre-training masks. One ratio for the
-        batch (official) unless config.ratio_per_sample; ceil(L x ratio) masked, ceil(L x mask_ratio_min)
-        of them dropped."""
-        c = self.config
-        device = device if device is not None else (generator.device if generator is not None else "cpu")
-        ratio = self.ratio_sampler.sample(batch if c.ratio_per_sample else 1, generator=generator, device=device)
-        ratio = ratio.expand(batch)
-        drop_mask, mask = token_masks(batch, c.num_tokens, ratio, c.num_dropped, generator=generator, device=device)
-        return ratio, drop_mask, mask
-
-    def loss(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """Pre-training loss on tokens [B, L] / [B, h, w] (or images, tokenized): -> (loss, logs).
-
-        loss: label-smoothed cross-entropy of logits[:, 1:, :codebook_size] against the true tokens, averaged
-        over all masked tokens of the batch (dropped included). logs: `acc` (argmax accuracy on the masked
-        tokens) and `mask_ratio` (mean sampled ratio), detached 0-d tensors. Random masks come from
-        `generator` (on the tokens' device), or torch's global RNG."""
-        loss, logs, _ = self.loss_and_pooled(tokens, generator)
-        return loss, logs
-
-    def loss_and_pooled(self, tokens: torch.Tensor, generator: torch.Generator | None = None
-                        ) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """`loss` plus the pooled encoder output of the masked input, [B, D]: the mean of the normed outputs
-        of the kept image tokens ([C0] excluded), which MAGE-C's contrastive head reads."""
-        tokens = self.as_tokens(tokens)
-        b = tokens.shape[0]
-        ratio, drop_mask, mask = self.sample_masks(b, generator, device=tokens.device)
-        latent = self.forward_encoder(tokens, mask, drop_mask)
-        logits = self.forward_decoder(latent, mask, drop_mask)[:, 1:, : self.config.codebook_size].float()
-        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1),
-                                    label_smoothing=self.config.label_smoothing, reduction="none").view(b, -1)
-        weight = mask.float()
-        loss = (per_token * weight).sum() / weight.sum().clamp_min(1.0)
-        with torch.no_grad():
-            acc = ((logits.argmax(-1) == tokens).float() * weight).sum() / weight.sum().clamp_min(1.0)
-        return loss, {"acc": acc.detach(), "mask_ratio": ratio.float().mean()}, latent[:, 1:].mean(1)
-
-    def no_weight_decay(self) -> set[str]:
-        """Nothing beyond the engine's default rule (no decay for 1-D tensors and names ending in '.bias'),
-        which is exactly what the official timm-0.3.2 `add_weight_decay` did: both embedding tables and the
-        3-D decoder_pos_embed_learned ARE decayed; mlm_layer.bias is not (its name). ViT-B: 85 decayed
-        tensors, 171 not (the official 89 / 173 counted 6 dead parameters)."""
-        return set()
 
     # ---------------------------------------------------------------------------------- features
     def forward_features(self, x: torch.Tensor, pool: str = "mean") -> torch.Tensor:

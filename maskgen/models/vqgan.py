@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import option
 from ..errors import ConfigError
-from .registry import register_model
+from ..options import Options, option
+from ..registry import MODELS
 
 
 @dataclass
-class VQGANConfig:
+class VQGANConfig(Options):
     """Defaults are the official 256-px MAGE tokenizer: 16x16 tokens from a 1024 x 256 codebook (54.52 M params)."""
 
     in_channels: int = option(3, "image channels (input and output)", min=1)
@@ -34,15 +34,7 @@ class VQGANConfig:
     norm_groups: int = option(32, "GroupNorm groups (official: 32)", min=1)
     commitment_beta: float = option(0.25, "weight of the commitment loss (used by the training method)", min=0.0)
 
-    def __post_init__(self):
-        self.ch_mult = list(self.ch_mult)
-        for name in ("in_channels", "ch", "num_res_blocks", "z_channels", "norm_groups"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.codebook_size < 2:
-            raise ConfigError(f"codebook_size must be >= 2, got {self.codebook_size}")
-        if self.commitment_beta < 0:
-            raise ConfigError(f"commitment_beta must be >= 0, got {self.commitment_beta}")
+    def validate(self):
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
             raise ConfigError(f"ch_mult must be a non-empty list of positive ints, got {self.ch_mult}")
         bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups]
@@ -221,7 +213,7 @@ class VectorQuantizer(nn.Module):
         return z_q, codes, codebook_loss, commitment_loss
 
 
-@register_model("vqgan", VQGANConfig)
+@MODELS.register("vqgan", config=VQGANConfig)
 class VQGAN(nn.Module):
     """The MAGE/MaskGIT VQGAN tokenizer. Images are RGB floats in [0, 1], [B, 3, H, W] with H, W divisible by
     f = config.downsample_factor; tokens are codes [B, H/f, W/f] in [0, codebook_size).

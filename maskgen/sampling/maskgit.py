@@ -1,6 +1,6 @@
 """MaskGIT-style iterative decoding for MAGE: generation from scratch and token-space editing.
 
-A port of the official `gen_img_uncond.py` (itself MaskGIT's `parallel_decode`), reference/mage.md §5.1.
+A port of the official `gen_img_uncond.py` (LTH14/mage; itself MaskGIT's `parallel_decode`).
 The canvas starts with every unknown token masked ([C0] is prepended by the model). At step s of T:
   1. codebook logits from the model (encoder on all 1+L tokens, nothing dropped);
   2. sample every position (temperature 1 = official) and keep the known tokens;
@@ -25,16 +25,29 @@ Differences from the official script, all documented choices:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..options import Options, option
+from ..registry import SAMPLERS
+from .base import Generators, Sampler
+
 UNKNOWN = -1  # canvas value of a token to generate
 
-Generators = torch.Generator | Sequence[torch.Generator] | None
+
+@dataclass
+class MaskGITOptions(Options):
+    """Options of the `maskgit` sampler (defaults: the official `gen_img_uncond.py`)."""
+
+    num_iter: int = option(12, "decoding iterations (official: 12; README: 20)", min=1)
+    choice_temperature: float = option(4.5, "Gumbel noise scale on the confidence, annealed to 0 (official: 4.5; "
+                                            "README FID: 6.0)", min=0.0)
+    temperature: float = option(1.0, "sampling temperature of the tokens (0: argmax)", min=0.0)
 
 
 @dataclass
@@ -72,20 +85,33 @@ def _multinomial(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     return torch.stack([torch.multinomial(probs[i], 1, generator=g).squeeze(1) for i, g in enumerate(gens)])
 
 
-class MaskGITScheduler:
-    """The decoding schedule and per-step update (in the spirit of diffusers' AmusedScheduler).
+@SAMPLERS.register("maskgit", options=MaskGITOptions)
+class MaskGITScheduler(Sampler):
+    """The `maskgit` sampler: decoding schedule and per-step update (in the spirit of diffusers'
+    AmusedScheduler), and the whole loop for generation (`generate`) and token-space editing (`edit`).
 
-    `timesteps` lists the steps 0..num_iter-1; `step(logits, s, tokens, unknown, initial_unknown, generator)`
-    turns one step's model output into the next canvas."""
+    Built as `MaskGITScheduler(num_iter=12, choice_temperature=4.5, temperature=1.0)` (any subset, keywords) or
+    `MaskGITScheduler(MaskGITOptions(...))`. `timesteps` lists the steps 0..num_iter-1;
+    `step(logits, s, tokens, unknown, initial_unknown, generator)` turns one step's model output into the next
+    canvas."""
 
-    def __init__(self, num_iter: int = 12, choice_temperature: float = 4.5, temperature: float = 1.0):
-        if num_iter < 1:
-            raise ValueError(f"num_iter must be >= 1, got {num_iter}")
-        if choice_temperature < 0 or temperature < 0:
-            raise ValueError("temperatures must be >= 0")
-        self.num_iter = int(num_iter)
-        self.choice_temperature = float(choice_temperature)
-        self.temperature = float(temperature)
+    options: MaskGITOptions
+
+    @property
+    def num_iter(self) -> int:
+        return self.options.num_iter
+
+    @property
+    def choice_temperature(self) -> float:
+        return self.options.choice_temperature
+
+    @property
+    def temperature(self) -> float:
+        return self.options.temperature
+
+    def set_timesteps(self, num_steps: int) -> None:
+        """Decode in `num_steps` iterations (num_iter)."""
+        self.options = dataclasses.replace(self.options, num_iter=num_steps)
 
     @property
     def timesteps(self) -> list[int]:
@@ -108,13 +134,15 @@ class MaskGITScheduler:
             return logits.argmax(-1)
         return _multinomial(torch.softmax(logits.float() / self.temperature, dim=-1), generator)
 
-    def step(self, logits: torch.Tensor, step: int, tokens: torch.Tensor, unknown: torch.Tensor,
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, unknown: torch.Tensor,
              initial_unknown: torch.Tensor | None = None, generator: Generators = None) -> MaskGITStepOutput:
         """One decoding step.
 
-        logits [B, L, K] (codebook logits of the current canvas), tokens [B, L] long (values at unknown
-        positions are ignored), unknown [B, L] bool, initial_unknown [B] long (default: L). Draws the
-        samples, then the Gumbel noise, from `generator` (a Generator, one per row, or torch's global RNG)."""
+        model_output: logits [B, L, K] (codebook logits of the current canvas); timestep: the step s;
+        sample: tokens [B, L] long (values at unknown positions are ignored); unknown [B, L] bool;
+        initial_unknown [B] long (default: L). Draws the samples, then the Gumbel noise, from `generator`
+        (a Generator, one per row, or torch's global RNG)."""
+        logits, step, tokens = model_output, timestep, sample
         b, n, _ = logits.shape
         if initial_unknown is None:
             initial_unknown = torch.full((b,), n, dtype=torch.long, device=logits.device)
@@ -130,67 +158,81 @@ class MaskGITScheduler:
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=logits.device).expand(b, n))
         return MaskGITStepOutput(sampled=sampled, unknown=rank < count[:, None])
 
+    @torch.no_grad()
+    def decode(self, model, num_images_or_canvas: int | torch.Tensor, generator: Generators = None, *,
+               callback: Callable[[int, MaskGITStepOutput], None] | None = None) -> torch.Tensor:
+        """The decoding loop with a MAGE model -> codes LongTensor [B, h, w].
+
+        `num_images_or_canvas`: a number of images (every token generated), or a canvas LongTensor [B, h, w]
+        (or [B, L]) of codes in which `UNKNOWN` (-1) marks the tokens to generate; the others are kept as they
+        are. `generator`: a torch.Generator on the model's device, a list of one per image, or None (torch's
+        global RNG). `callback(step, output)` sees every step's `MaskGITStepOutput`. The model runs in eval mode
+        (its mode is restored afterwards). Decode the codes to images with `model.decode_samples(codes)`."""
+        cfg = model.config
+        device = _model_device(model)
+        g, length = cfg.token_grid, cfg.num_tokens
+        if isinstance(num_images_or_canvas, int):
+            tokens = torch.full((num_images_or_canvas, length), UNKNOWN, dtype=torch.long, device=device)
+        else:
+            canvas = num_images_or_canvas
+            if canvas.is_floating_point() or canvas.dim() not in (2, 3) or canvas[0].numel() != length:
+                raise ValueError(f"canvas must be integer codes [B, {g}, {g}] or [B, {length}], got "
+                                 f"{canvas.dtype} {list(canvas.shape)}")
+            tokens = canvas.reshape(canvas.shape[0], length).long().to(device)
+            bad = (tokens != UNKNOWN) & ((tokens < 0) | (tokens >= cfg.codebook_size))
+            if bool(bad.any()):
+                raise ValueError(f"canvas codes must lie in [0, {cfg.codebook_size}) or be UNKNOWN ({UNKNOWN})")
+        b = tokens.shape[0]
+        unknown = tokens == UNKNOWN
+        initial_unknown = unknown.sum(1)
+        was_training = model.training
+        model.eval()
+        try:
+            sampled = tokens
+            if bool(initial_unknown.any()):
+                for step in self.timesteps:
+                    logits = model.token_logits(tokens, unknown)
+                    out = self.step(logits, step, tokens, unknown, initial_unknown, generator)
+                    if callback is not None:
+                        callback(step, out)
+                    sampled, unknown = out.sampled, out.unknown
+                    tokens = sampled.masked_fill(unknown, UNKNOWN)
+        finally:
+            model.train(was_training)
+        return sampled.view(b, g, g)
+
+    def generate(self, model, num_images: int, generator: Generators = None) -> torch.Tensor:
+        """`num_images` codes [B, h, w] generated from scratch."""
+        return self.decode(model, num_images, generator)
+
+    def edit(self, model, samples: torch.Tensor, region: torch.Tensor, generator: Generators = None, *,
+             callback: Callable[[int, MaskGITStepOutput], None] | None = None) -> torch.Tensor:
+        """codes [B, h, w] with the tokens of `region` ([B, h, w] or [h, w] bool) regenerated; the others never
+        change. Inpainting: the region is a hole; outpainting / uncropping: everything outside the kept part."""
+        region = region.to(device=samples.device, dtype=torch.bool).expand_as(samples)
+        return self.decode(model, samples.long().masked_fill(region, UNKNOWN), generator, callback=callback)
+
 
 def _model_device(model) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
 
 
-@torch.no_grad()
 def generate(model, num_images_or_canvas: int | torch.Tensor, num_iter: int = 12, choice_temperature: float = 4.5,
              temperature: float = 1.0, generator: Generators = None, *,
              callback: Callable[[int, MaskGITStepOutput], None] | None = None) -> torch.Tensor:
-    """Iterative decoding with a MAGE model -> codes LongTensor [B, h, w].
-
-    `num_images_or_canvas`: a number of images (every token generated), or a canvas LongTensor [B, h, w]
-    (or [B, L]) of codes in which `UNKNOWN` (-1) marks the tokens to generate; the others are kept as they
-    are. `generator`: a torch.Generator on the model's device, a list of one per image, or None (torch's
-    global RNG). `callback(step, output)` sees every step's `MaskGITStepOutput`. The model runs in eval mode
-    (its mode is restored afterwards). Decode the codes to images with `model.decode_tokens(codes)`."""
-    cfg = model.config
-    device = _model_device(model)
-    g, length = cfg.token_grid, cfg.num_tokens
-    if isinstance(num_images_or_canvas, int):
-        tokens = torch.full((num_images_or_canvas, length), UNKNOWN, dtype=torch.long, device=device)
-    else:
-        canvas = num_images_or_canvas
-        if canvas.is_floating_point() or canvas.dim() not in (2, 3) or canvas[0].numel() != length:
-            raise ValueError(f"canvas must be integer codes [B, {g}, {g}] or [B, {length}], got "
-                             f"{canvas.dtype} {list(canvas.shape)}")
-        tokens = canvas.reshape(canvas.shape[0], length).long().to(device)
-        bad = (tokens != UNKNOWN) & ((tokens < 0) | (tokens >= cfg.codebook_size))
-        if bool(bad.any()):
-            raise ValueError(f"canvas codes must lie in [0, {cfg.codebook_size}) or be UNKNOWN ({UNKNOWN})")
-    b = tokens.shape[0]
-    unknown = tokens == UNKNOWN
-    initial_unknown = unknown.sum(1)
-    scheduler = MaskGITScheduler(num_iter, choice_temperature, temperature)
-    was_training = model.training
-    model.eval()
-    try:
-        sampled = tokens
-        if bool(initial_unknown.any()):
-            for step in scheduler.timesteps:
-                logits = model.token_logits(tokens, unknown)
-                out = scheduler.step(logits, step, tokens, unknown, initial_unknown, generator)
-                if callback is not None:
-                    callback(step, out)
-                sampled, unknown = out.sampled, out.unknown
-                tokens = sampled.masked_fill(unknown, UNKNOWN)
-    finally:
-        model.train(was_training)
-    return sampled.view(b, g, g)
+    """`MaskGITScheduler.decode` with these options -> codes LongTensor [B, h, w]."""
+    sampler = MaskGITScheduler(num_iter=num_iter, choice_temperature=choice_temperature, temperature=temperature)
+    return sampler.decode(model, num_images_or_canvas, generator, callback=callback)
 
 
 def inpaint_tokens(model, codes: torch.Tensor, region_mask: torch.Tensor, num_iter: int = 12,
                    choice_temperature: float = 4.5, temperature: float = 1.0, generator: Generators = None, *,
                    callback: Callable[[int, MaskGITStepOutput], None] | None = None) -> torch.Tensor:
-    """Regenerate the tokens of `codes` [B, h, w] where `region_mask` [B, h, w] (or [h, w]) is True; the others
-    never change. Returns codes [B, h, w]. Inpainting: the region is a hole; outpainting / uncropping: the
-    region is everything outside the kept part. See `token_region` to go from a pixel mask to tokens."""
-    region = region_mask.to(device=codes.device, dtype=torch.bool).expand_as(codes)
-    return generate(model, codes.long().masked_fill(region, UNKNOWN), num_iter, choice_temperature, temperature,
-                    generator, callback=callback)
+    """`MaskGITScheduler.edit` with these options: the tokens of `codes` [B, h, w] where `region_mask` [B, h, w]
+    (or [h, w]) is True regenerated. See `token_region` to go from a pixel mask to tokens."""
+    sampler = MaskGITScheduler(num_iter=num_iter, choice_temperature=choice_temperature, temperature=temperature)
+    return sampler.edit(model, codes, region_mask, generator, callback=callback)
 
 
 def token_region(pixel_mask: torch.Tensor, factor: int, dilate: int = 0) -> torch.Tensor:
@@ -208,12 +250,3 @@ def token_region(pixel_mask: torch.Tensor, factor: int, dilate: int = 0) -> torc
     t = t[:, 0] > 0
     return t[0] if squeeze else t
 
-
-def box_region(box: tuple[int, int, int, int], image_size: int, factor: int, dilate: int = 0) -> torch.Tensor:
-    """Pixel box (x0, y0, x1, y1), end-exclusive, on an image_size^2 image -> token mask [h, w] (see token_region)."""
-    x0, y0, x1, y1 = box
-    if not (0 <= x0 < x1 <= image_size and 0 <= y0 < y1 <= image_size):
-        raise ValueError(f"box {box} does not lie inside a {image_size}x{image_size} image")
-    m = torch.zeros(image_size, image_size, dtype=torch.bool)
-    m[y0:y1, x0:x1] = True
-    return token_region(m, factor, dilate)

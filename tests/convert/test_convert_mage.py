@@ -13,7 +13,7 @@ from maskgen.errors import UserError
 from maskgen.masking import token_masks
 from maskgen.models.mage import MAGE, MAGEConfig
 from maskgen.models.vqgan import VQGAN, VQGANConfig
-from maskgen.weights import from_pretrained
+from maskgen.models import from_pretrained
 
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "reference" / "checkpoints" / "official_mage_vitb_state_dict.json"
 DEAD = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "mask_token",
@@ -49,7 +49,7 @@ def _block(sd, p, x, heads):
 
 
 def reference_logits(raw, tokens, mask, drop_mask, heads, dec_heads):
-    """The official models_mage.py forward (reference/mage.md §2.3-2.7), eval mode, in float64 from the raw
+    """The official models_mage.py forward (LTH14/mage), eval mode, in float64 from the raw
     official state dict: [C0] = codebook + 76 (1100), [MASK] = vocab - 1."""
     sd = {k: v.double() for k, v in raw.items() if v.is_floating_point()}
     word = sd["token_emb.word_embeddings.weight"]
@@ -243,3 +243,28 @@ def test_vitb_features_from_images(vitb):
     with torch.no_grad():
         f = model.forward_features(torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)))
     assert f.shape == (1, 768) and torch.isfinite(f).all()
+
+
+# ------------------------------------------------------------------ unchanged behaviour across refactors
+def test_logits_equal_the_recorded_reference(tmp_path):
+    """tests/convert/reference_mage_logits.safetensors holds logits and features of a converted official-layout
+    MAGE computed by the code before the house rebuild (see make_reference_logits.py); today's code must give
+    the same numbers for the same checkpoint, tokens and masks."""
+    from safetensors import safe_open
+
+    from make_reference_logits import OUT, official_state_dict
+
+    with safe_open(str(OUT), "pt") as f:
+        meta, ref = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    heads = [int(h) for h in meta["heads"].split(",")]
+    torch.save({"model": official_state_dict(json.loads(meta["shapes"]), int(meta["seed"]))}, tmp_path / "mage.pth")
+    model = from_pretrained(convert_mage(tmp_path / "mage.pth", tmp_path / "out", num_heads=heads[0],
+                                         decoder_num_heads=heads[1]))
+    with torch.no_grad():
+        train_logits = model(ref["tokens"], ref["mask"], ref["drop_mask"])
+        free_logits = model(ref["tokens"], ref["free_mask"])[..., :16]
+        features = model.forward_features(ref["tokens"])
+    assert train_logits.shape == ref["train_logits"].shape == (2, 17, 16 + 1001)
+    assert (train_logits - ref["train_logits"]).abs().max().item() < 1e-5
+    assert (free_logits - ref["free_logits"]).abs().max().item() < 1e-5
+    assert (features - ref["features"]).abs().max().item() < 1e-5

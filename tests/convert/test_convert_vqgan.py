@@ -9,7 +9,7 @@ import torch
 from maskgen.convert.vqgan import convert_vqgan
 from maskgen.errors import UserError
 from maskgen.models.vqgan import VQGAN, VQGANConfig
-from maskgen.weights import from_pretrained
+from maskgen.models import from_pretrained
 
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "reference" / "checkpoints" / \
     "official_mage_tokenizer_state_dict.json"

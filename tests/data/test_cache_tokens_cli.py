@@ -3,7 +3,7 @@ import torch
 
 from maskgen.data.token_cache import TokenCache, tokenizer_hash
 from maskgen.models.vqgan import VQGAN, VQGANConfig
-from maskgen.weights import save_pretrained
+from maskgen.models import save_pretrained
 
 from conftest import make_folder, run_cli
 

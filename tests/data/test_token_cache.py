@@ -9,14 +9,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from maskgen.data.decode import decode_image
-from maskgen.data.loader import ResumableLoader, mix_seed
+from maskgen.data.loader import ResumableLoader
+from maskgen.seeding import mix_seed
 from maskgen.data.sources import open_source
 from maskgen.data.token_cache import (CachedTokens, TokenCache, cache_tokens, tokenizer_hash,
                                       write_token_cache)
 from maskgen.data.transforms import EvalTransform, PretrainTransform
 from maskgen.errors import UserError
 from maskgen.models.vqgan import VQGAN, VQGANConfig
-from maskgen.weights import WEIGHTS_FILE, from_pretrained, save_pretrained
+from maskgen.models import from_pretrained, save_pretrained
+from maskgen.weights import WEIGHTS_FILE
 
 from conftest import REPO, make_folder
 
@@ -96,7 +98,7 @@ def test_tokenizer_hash_stable_across_save_load_and_processes(tmp_path):
     tok = _tokenizer()
     h = tokenizer_hash(tok)
     assert tokenizer_hash(from_pretrained(save_pretrained(tok, tmp_path / "a"))) == h
-    code = ("import sys; from maskgen.weights import from_pretrained; from maskgen.data.token_cache import "
+    code = ("import sys; from maskgen.models import from_pretrained; from maskgen.data.token_cache import "
             "tokenizer_hash; print(tokenizer_hash(from_pretrained(sys.argv[1])))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a")], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout.strip()

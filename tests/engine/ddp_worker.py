@@ -4,8 +4,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from maskgen.config import build_config
-from maskgen.engine import dist
+from maskgen.api import build_config
+from maskgen import distributed as dist
 from maskgen.engine.trainer import Trainer
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
@@ -15,5 +15,5 @@ device = dist.resolve_device("cpu", local_rank)
 dist.init(device, "gloo", 120)
 trainer = Trainer(cfg, device, out / "run", None)
 trainer.run()
-save_file({k: v.contiguous() for k, v in trainer.release.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 dist.cleanup()

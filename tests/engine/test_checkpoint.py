@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from maskgen.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dirs
+from maskgen.engine.checkpoint import load_checkpoint, save_checkpoint
+from maskgen.weights import latest_checkpoint, step_dirs
 from maskgen.errors import UserError
 from maskgen.models.vqgan import VQGAN, VQGANConfig
-from maskgen.weights import from_pretrained, safe_torch_load
+from maskgen.models import from_pretrained
+from maskgen.weights import safe_torch_load
 
 TINY = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=16, codebook_size=16, norm_groups=8)
 

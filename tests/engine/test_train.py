@@ -128,7 +128,7 @@ def test_channels_last_trains_like_contiguous_and_resumes_exactly(tmp_path):
 
 
 def test_channels_last_puts_conv_weights_and_images_in_nhwc(tmp_path):
-    from maskgen.config import build_config
+    from maskgen.api import build_config
     from maskgen.engine.trainer import Trainer
 
     cfg = build_config("tokenizer", "tokenizer-tiny", ["data.limit=16", "train.memory_format=channels_last"])

@@ -9,11 +9,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import maskgen
-from maskgen.config import build_config
+from maskgen.api import build_config
 from maskgen.eval.image_sets import GeneratedImages, open_image_set
 from maskgen.models.mage import MAGE
 from maskgen.models.vqgan import VQGAN
-from maskgen.weights import save_pretrained
+from maskgen.models import save_pretrained
 
 from conftest import make_folder, run_cli
 
@@ -33,7 +33,7 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tokenizer, tmp_path_factory):
     run = tmp_path_factory.mktemp("mage") / "run"
-    run_cli("train", "mage", *BASE, f"data.tokenizer={tokenizer}", "train.max_steps=4", "--run-dir", run, check=True)
+    run_cli("train", "mage", *BASE, f"mage.tokenizer={tokenizer}", "train.max_steps=4", "--run-dir", run, check=True)
     return run
 
 
@@ -54,7 +54,7 @@ def test_training_outputs_and_loss_at_init(trained):
 
 def test_mage_resume_is_exact(tokenizer, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    common = [*BASE, f"data.tokenizer={tokenizer}"]
+    common = [*BASE, f"mage.tokenizer={tokenizer}"]
     run_cli("train", "mage", *common, "train.max_steps=4", "--run-dir", a, check=True)
     run_cli("train", "mage", *common, "train.max_steps=2", "--run-dir", b, check=True)
     run_cli("train", "mage", *common, "train.max_steps=4", "--run-dir", b, "--resume", "auto", check=True)
@@ -68,13 +68,13 @@ def test_token_cache_training_and_mismatch(tokenizer, tmp_path):
     cache = tmp_path / "cache.safetensors"
     run_cli("cache-tokens", "--tokenizer", tokenizer, "--data", make_folder(tmp_path / "imgs", 64), "--out", cache,
             "--views", 2, "--image-size", 32, check=True)
-    ok = run_cli("train", "mage", *BASE, f"data.tokenizer={tokenizer}", f"data.token_cache={cache}",
+    ok = run_cli("train", "mage", *BASE, f"mage.tokenizer={tokenizer}", f"mage.token_cache={cache}",
                  "train.max_steps=2", "--run-dir", tmp_path / "run", check=True)
     assert "token cache" in ok.stderr
     torch.manual_seed(1)
     other = tmp_path / "other"
     save_pretrained(VQGAN(build_config("tokenizer", "tokenizer-tiny").model), other)
-    bad = run_cli("train", "mage", *BASE, f"data.tokenizer={other}", f"data.token_cache={cache}",
+    bad = run_cli("train", "mage", *BASE, f"mage.tokenizer={other}", f"mage.token_cache={cache}",
                   "train.max_steps=2", "--run-dir", tmp_path / "bad")
     assert bad.returncode == 2 and "was made with tokenizer" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -127,13 +127,13 @@ def test_features(trained, tmp_path):
     assert torch.allclose(f["features"].mean(1), torch.zeros(20), atol=1e-4)  # LayerNorm-ed mean pooling
 
 
-MAGE_C = ["loss.contrastive_weight=0.1", "data.views=2", "loss.contrastive_hidden_dim=32",
-          "loss.contrastive_dim=16", "loss.sample_images=0"]
+MAGE_C = ["mage.contrastive_weight=0.1", "data.views=2", "mage.contrastive_hidden_dim=32",
+          "mage.contrastive_dim=16", "vis.num_images=0"]
 
 
 def test_mage_c_trains_resumes_and_releases_plain_mage(tokenizer, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    common = [*BASE, f"data.tokenizer={tokenizer}", *MAGE_C, "data.color_jitter=0.5", "data.grayscale=0.2"]
+    common = [*BASE, f"mage.tokenizer={tokenizer}", *MAGE_C, "data.color_jitter=0.5", "data.grayscale=0.2"]
     run_cli("train", "mage", *common, "train.max_steps=3", "--run-dir", a, check=True)
     run_cli("train", "mage", *common, "train.max_steps=2", "--run-dir", b, check=True)
     run_cli("train", "mage", *common, "train.max_steps=3", "--run-dir", b, "--resume", "auto", check=True)
@@ -154,11 +154,11 @@ def test_mage_c_from_token_cache_and_view_errors(tokenizer, tmp_path):
     cache = tmp_path / "cache.safetensors"
     run_cli("cache-tokens", "--tokenizer", tokenizer, "--data", make_folder(tmp_path / "imgs", 32), "--out", cache,
             "--views", 2, "--image-size", 32, check=True)
-    run_cli("train", "mage", *BASE, f"data.tokenizer={tokenizer}", f"data.token_cache={cache}", *MAGE_C,
+    run_cli("train", "mage", *BASE, f"mage.tokenizer={tokenizer}", f"mage.token_cache={cache}", *MAGE_C,
             "train.max_steps=1", "--run-dir", tmp_path / "run", check=True)
-    no_views = run_cli("train", "mage", *BASE, f"data.tokenizer={tokenizer}", "loss.contrastive_weight=0.1",
+    no_views = run_cli("train", "mage", *BASE, f"mage.tokenizer={tokenizer}", "mage.contrastive_weight=0.1",
                        "--run-dir", tmp_path / "bad")
     assert no_views.returncode == 2 and "data.views=2" in no_views.stderr and "Traceback" not in no_views.stderr
-    no_weight = run_cli("train", "mage", *BASE, f"data.tokenizer={tokenizer}", "data.views=2",
+    no_weight = run_cli("train", "mage", *BASE, f"mage.tokenizer={tokenizer}", "data.views=2",
                         "--run-dir", tmp_path / "bad2")
     assert no_weight.returncode == 2 and "contrastive_weight" in no_weight.stderr

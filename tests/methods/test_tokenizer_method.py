@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import maskgen
-from maskgen.config import build_config
+from maskgen.api import build_config
 from maskgen.errors import ConfigError
 from maskgen.losses import g_loss
-from maskgen.methods.tokenizer import TokenizerLossConfig, TokenizerMethod, codebook_entropy_loss
+from maskgen.methods.tokenizer import TokenizerObjective, TokenizerMethod, codebook_entropy_loss
 from maskgen.models.vqgan import VQGANConfig
 from maskgen.weights import safe_torch_load
 
@@ -24,7 +24,7 @@ GAN = dict(disc="patch", disc_layers=2, disc_channels=8)
 
 def method(image_size: int = 16, **loss) -> TokenizerMethod:
     torch.manual_seed(0)
-    return TokenizerMethod(VQGANConfig(**MODEL), TokenizerLossConfig(**loss), image_size)
+    return TokenizerMethod(VQGANConfig(**MODEL), TokenizerObjective(**loss), image_size)
 
 
 def images(n: int = 4, size: int = 16) -> torch.Tensor:
@@ -38,17 +38,17 @@ def grads(loss: torch.Tensor, params: list) -> list:
 # ------------------------------------------------------------------------------------------- config
 def test_config_checks():
     with pytest.raises(ConfigError, match="entropy_temperature"):
-        build_config("tokenizer", "tokenizer-tiny", ["loss.entropy_temperature=0"])
+        build_config("tokenizer", "tokenizer-tiny", ["tokenizer.entropy_temperature=0"])
     with pytest.raises(ConfigError, match="r1_weight"):
-        build_config("tokenizer", "tokenizer-tiny", ["loss.r1_weight=10"])
+        build_config("tokenizer", "tokenizer-tiny", ["tokenizer.r1_weight=10"])
     with pytest.raises(ConfigError, match="not one of"):
-        build_config("tokenizer", "tokenizer-tiny", ["loss.disc=vanilla"])
+        build_config("tokenizer", "tokenizer-tiny", ["tokenizer.disc=vanilla"])
     with pytest.raises(ConfigError, match="power-of-two"):
         method(image_size=24, disc="stylegan")
     with pytest.raises(ConfigError, match="too deep"):
         method(image_size=16, disc="patch", disc_layers=3)
     tiny = build_config("tokenizer", "tokenizer-tiny")
-    assert tiny.loss.perceptual == "none" and tiny.loss.disc == "none"  # the fast preset stays fast
+    assert tiny.objective.perceptual == "none" and tiny.objective.disc == "none"  # the fast preset stays fast
     assert tiny.model.commitment_beta == 0.25
 
 
@@ -180,9 +180,9 @@ def test_perceptual_and_entropy_terms_add_up():
 
 
 # ------------------------------------------------------------------------------------ training runs
-GAN_RUN = ["data.limit=32", "train.batch_size=4", "loss.disc=patch", "loss.disc_start=2", "loss.disc_layers=2",
-           "loss.disc_channels=8", "loss.perceptual=lite0", "loss.perceptual_size=32", "loss.entropy_weight=0.1",
-           "loss.restart_every=2", "log.progress=false"]
+GAN_RUN = ["data.limit=32", "train.batch_size=4", "tokenizer.disc=patch", "tokenizer.disc_start=2", "tokenizer.disc_layers=2",
+           "tokenizer.disc_channels=8", "tokenizer.perceptual=lite0", "tokenizer.perceptual_size=32", "tokenizer.entropy_weight=0.1",
+           "tokenizer.restart_every=2", "log.progress=false"]
 
 
 def losses(run: Path) -> dict:
@@ -215,9 +215,9 @@ def test_two_process_ddp_with_gan_r1_and_perceptual_matches_one_process(tmp_path
     """Adaptive weight and entropy loss use whole-batch statistics: they are averaged over ranks, so two
     processes x 2 images train exactly like one process x 4 images (up to float rounding)."""
     worker = REPO / "tests" / "engine" / "ddp_worker.py"
-    common = ["data.limit=32", "train.max_steps=2", "optim.clip_grad=0", "loss.disc=stylegan",
-              "loss.disc_channels=8", "loss.disc_start=0", "loss.r1_weight=10", "loss.perceptual=lite0",
-              "loss.perceptual_size=32", "loss.entropy_weight=0.1", "log.progress=false"]
+    common = ["data.limit=32", "train.max_steps=2", "optim.clip_grad=0", "tokenizer.disc=stylegan",
+              "tokenizer.disc_channels=8", "tokenizer.disc_start=0", "tokenizer.r1_weight=10", "tokenizer.perceptual=lite0",
+              "tokenizer.perceptual_size=32", "tokenizer.entropy_weight=0.1", "log.progress=false"]
     run_worker(worker, tmp_path / "ddp", "train.batch_size=2", *common, nproc=2)
     run_worker(worker, tmp_path / "single", "train.batch_size=4", *common)
     worst = ddp_vs_single_weights(tmp_path / "ddp", tmp_path / "single")
@@ -238,7 +238,7 @@ def test_two_process_ddp_with_gan_r1_and_perceptual_matches_one_process(tmp_path
 @pytest.mark.dist
 def test_two_process_code_restarts_stay_in_lock_step(tmp_path):
     worker = REPO / "tests" / "engine" / "ddp_worker.py"
-    run_worker(worker, tmp_path, "data.limit=32", "train.batch_size=2", "train.max_steps=2", "loss.restart_every=1",
+    run_worker(worker, tmp_path, "data.limit=32", "train.batch_size=2", "train.max_steps=2", "tokenizer.restart_every=1",
                "log.progress=false", nproc=2)
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from maskgen.engine.optim import param_groups
 from maskgen.errors import ConfigError, UserError
+from maskgen.methods.mage import MAGEMasking, MAGEObjective, mage_loss
+from maskgen.models import create_model, from_pretrained, save_pretrained
+from maskgen.models.layers import Block
 from maskgen.models.mage import MAGE, MAGEConfig
-from maskgen.models.registry import create_model
-from maskgen.models.vit import Block
 from maskgen.models.vqgan import VQGAN, VQGANConfig
-from maskgen.weights import from_pretrained, save_pretrained
 
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "reference" / "checkpoints" / "official_mage_vitb_state_dict.json"
 DEAD = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "mask_token",
@@ -41,10 +41,23 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def sample_masks(model: MAGE, batch: int, generator: torch.Generator, **objective):
+    """MAGE's pre-training masks (the method's objective, paper defaults unless overridden) for `model`."""
+    return MAGEMasking(MAGEObjective(**objective), model.config.num_tokens).sample(batch, generator)
+
+
+def pretrain_loss(model: MAGE, tokens: torch.Tensor, generator: torch.Generator, **objective):
+    """(loss, logs) of the MAGE method's objective (paper defaults unless overridden)."""
+    o = MAGEObjective(**objective)
+    loss, logs, _ = mage_loss(model, tokens, MAGEMasking(o, model.config.num_tokens), o.label_smoothing, generator)
+    return loss, logs
+
+
 # ----------------------------------------------------------------------------- config and layout
 def test_vocabulary_layouts():
     off = MAGEConfig()
-    assert (off.vocab_size, off.cls_id, off.mask_id, off.num_tokens, off.num_dropped) == (2025, 1100, 2024, 256, 128)
+    assert (off.vocab_size, off.cls_id, off.mask_id, off.num_tokens) == (2025, 1100, 2024, 256)
+    assert MAGEMasking(MAGEObjective(), off.num_tokens).num_dropped == 128
     small = MAGEConfig(codebook_size=16, token_grid=4, image_size=64, vocab_layout="official")
     assert (small.vocab_size, small.cls_id, small.mask_id) == (1017, 92, 1016)
     compact = tiny_config()
@@ -52,7 +65,9 @@ def test_vocabulary_layouts():
     with pytest.raises(ConfigError, match="num_heads"):
         MAGEConfig(embed_dim=32, num_heads=5)
     with pytest.raises(ConfigError, match="mask_ratio"):
-        MAGEConfig(mask_ratio_min=0.8, mask_ratio_max=0.6)
+        MAGEObjective(mask_ratio_min=0.8, mask_ratio_max=0.6)
+    with pytest.raises(TypeError):  # the objective is not part of the architecture any more
+        MAGEConfig(mask_ratio_min=0.5)
     with pytest.raises(ConfigError, match="vocab_layout"):
         MAGEConfig(vocab_layout="bert")
 
@@ -66,10 +81,10 @@ def test_official_vitb_layout_on_meta():
     official = {k: s for k, (s, _) in spec.items() if not k.startswith("vqgan.") and k not in DEAD}
     assert ours == official
     assert len(ours) == 433 - 168 - len(DEAD) == 256
-    # heads: encoder 12 x 64, decoder 16 x 48 (reference §2.1)
+    # heads: encoder 12 x 64, decoder 16 x 48 (official mage_vit_base_patch16)
     assert m.blocks[0].attn.num_heads == 12 and m.decoder_blocks[0].attn.num_heads == 16
     assert m.mlm_layer.ln.eps == 1e-5 and m.norm.eps == m.token_emb.LayerNorm.eps == m.blocks[0].norm1.eps == 1e-6
-    # reference §2.1: encoder + token_emb 86.81 M; decoder + mlm 58.87 M with the dead decoder_pos_embed
+    # official ViT-B: encoder + token_emb 86.81 M; decoder + mlm 58.87 M with the dead decoder_pos_embed
     # [1, 257, 768] and decoder_pred 768 -> 768, which are absent here
     count = {"enc": 0, "dec": 0}
     for name, p in m.named_parameters():
@@ -79,12 +94,12 @@ def test_official_vitb_layout_on_meta():
 
 
 def test_weight_decay_groups_follow_the_official_rule():
-    """reference §7: no decay only for 1-D tensors and names ending in '.bias' (89 / 173 officially, of which
+    """official MAGE (timm 0.3.2 add_weight_decay): no decay only for 1-D tensors and names ending in '.bias'
+    (89 / 173 officially, of which
     4 decayed and 2 non-decayed tensors are dead and absent here); embeddings and the 3-D
     decoder_pos_embed_learned are decayed, mlm_layer.bias is not."""
     with torch.device("meta"):
         m = create_model("mage")
-    assert m.no_weight_decay() == set()
     decay, no_decay = param_groups(m, 0.05)
     assert len(decay["params"]) == 85 and len(no_decay["params"]) == 171
     names = {id(p): n for n, p in m.named_parameters()}
@@ -123,9 +138,9 @@ def test_block_matches_manual_attention():
 def test_encoder_decoder_shapes(model):
     c = model.config
     tokens = torch.randint(0, 64, (3, 16))
-    ratio, drop, mask = model.sample_masks(3, gen())
+    ratio, drop, mask = sample_masks(model, 3, gen())
     latent = model.forward_encoder(tokens, mask, drop)
-    assert latent.shape == (3, 1 + 16 - c.num_dropped, 32) and c.num_dropped == 8
+    assert latent.shape == (3, 1 + 16 - 8, 32)  # ceil(16 x 0.5) dropped
     logits = model.forward_decoder(latent, mask, drop)
     assert logits.shape == (3, 17, c.vocab_size)
     assert model.forward_encoder(tokens).shape == (3, 17, 32)
@@ -138,14 +153,14 @@ def test_cls_token_is_never_masked_and_masked_ids_are_ignored(model):
     emb = model.embed(tokens, everything)
     ids = torch.tensor([[model.config.cls_id] + [model.config.mask_id] * 16] * 2)
     assert torch.allclose(emb, model.token_emb(ids))
-    _, drop, mask = model.sample_masks(2, gen(1))
+    _, drop, mask = sample_masks(model, 2, gen(1))
     other = torch.where(mask, torch.randint(0, 64, (2, 16)), tokens)  # change only masked tokens
     assert torch.equal(model(tokens, mask, drop), model(other, mask, drop))
 
 
 def test_decoder_pads_all_masked_positions_with_the_c_feature(model):
     """Masked-but-kept encoder outputs are discarded: the decoder input there is the [C] feature."""
-    _, drop, mask = model.sample_masks(2, gen(2))
+    _, drop, mask = sample_masks(model, 2, gen(2))
     assert (mask & ~drop).any()
     latent = torch.randn(2, 1 + 16 - 8, 32)
     logits = model.forward_decoder(latent, mask, drop)
@@ -164,7 +179,7 @@ def test_decoder_pads_all_masked_positions_with_the_c_feature(model):
 def test_dropping_changes_only_what_the_encoder_sees(model):
     """With nothing dropped, the masked positions are in the encoder input; dropped, they are removed."""
     tokens = torch.randint(0, 64, (1, 16))
-    _, drop, mask = model.sample_masks(1, gen(3))
+    _, drop, mask = sample_masks(model, 1, gen(3))
     full = model(tokens, mask, None)
     dropped = model(tokens, mask, drop)
     assert full.shape == dropped.shape and not torch.allclose(full, dropped)
@@ -172,21 +187,21 @@ def test_dropping_changes_only_what_the_encoder_sees(model):
 
 # ------------------------------------------------------------------------------------------ loss
 def test_loss_at_init_is_log_codebook_size():
-    """reference §7: about ln 1024 = 6.93 at init ([run]: 6.94), label smoothing included."""
+    """official MAGE: about ln 1024 = 6.93 at init (measured on the official code: 6.94), label smoothing included."""
     torch.manual_seed(0)
     m = MAGE(tiny_config(codebook_size=1024, vocab_layout="official"))
-    loss, logs = m.loss(torch.randint(0, 1024, (8, 16)), generator=gen())
+    loss, logs = pretrain_loss(m, torch.randint(0, 1024, (8, 16)), gen())
     assert loss.item() == pytest.approx(6.94, abs=0.05)
     assert 0.5 <= logs["mask_ratio"].item() <= 1.0 and 0 <= logs["acc"].item() <= 1
     torch.manual_seed(0)
     m = MAGE(tiny_config())
-    assert m.loss(torch.randint(0, 64, (8, 16)), generator=gen())[0].item() == pytest.approx(math.log(64), abs=0.05)
+    assert pretrain_loss(m, torch.randint(0, 64, (8, 16)), gen())[0].item() == pytest.approx(math.log(64), abs=0.05)
 
 
 def test_loss_is_label_smoothed_ce_over_all_masked_tokens(model):
     tokens = torch.randint(0, 64, (4, 16))
-    loss, logs = model.loss(tokens, generator=gen(7))
-    ratio, drop, mask = model.sample_masks(4, gen(7))
+    loss, logs = pretrain_loss(model, tokens, gen(7))
+    ratio, drop, mask = sample_masks(model, 4, gen(7))
     assert torch.all(ratio == ratio[0])  # one ratio per batch (official)
     logits = model(tokens, mask, drop)[:, 1:, :64]
     logp = logits.log_softmax(-1)
@@ -198,15 +213,15 @@ def test_loss_is_label_smoothed_ce_over_all_masked_tokens(model):
 
 def test_ratio_per_sample():
     torch.manual_seed(0)
-    m = MAGE(tiny_config(ratio_per_sample=True, token_grid=8, image_size=64))
-    ratio, drop, mask = m.sample_masks(16, gen())
+    m = MAGE(tiny_config(token_grid=8, image_size=64))
+    ratio, drop, mask = sample_masks(m, 16, gen(), ratio_per_sample=True)
     assert len(set(ratio.tolist())) == 16
     assert mask.sum(1).tolist() == [math.ceil(64 * r) for r in ratio.tolist()] and drop.sum(1).eq(32).all()
 
 
 def test_every_parameter_gets_a_gradient_and_the_output_matrix_is_detached(model):
     model.train()
-    loss, _ = model.loss(torch.randint(0, 64, (2, 16)), generator=gen())
+    loss, _ = pretrain_loss(model, torch.randint(0, 64, (2, 16)), gen())
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     # the word embeddings get gradient from the input side only: rows of unused ids get none
@@ -223,7 +238,7 @@ def test_tiny_model_learns():
     tokens = (torch.arange(16) * 5 % 64).expand(8, 16)  # one fixed pattern: learnable from positions
     first = None
     for step in range(100):
-        loss, logs = m.loss(tokens, generator=gen(step))
+        loss, logs = pretrain_loss(m, tokens, gen(step))
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
@@ -266,7 +281,7 @@ def test_tokenizer_travels_with_the_model_but_is_not_part_of_it(model, tmp_path)
     codes = tok.encode(images)
     model.eval()
     assert torch.equal(model.forward_features(images), model.forward_features(codes))
-    assert model.loss(images, generator=gen())[0].item() == model.loss(codes, generator=gen())[0].item()
+    assert pretrain_loss(model, images, gen())[0].item() == pretrain_loss(model, codes, gen())[0].item()
     assert model.decode_tokens(codes.view(2, 16)).shape == (2, 3, 32, 32)
 
     out = save_pretrained(model, tmp_path / "mage")

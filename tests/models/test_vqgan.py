@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from maskgen.errors import ConfigError
-from maskgen.models.registry import create_model
+from maskgen.models import create_model
 from maskgen.models.vqgan import VQGAN, ResBlock, VQGANConfig
 
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "reference" / "checkpoints" / \

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from maskgen.models.mage import MAGE, MAGEConfig
-from maskgen.sampling import UNKNOWN, MaskGITScheduler, box_region, generate, inpaint_tokens, token_region
+from maskgen.sampling import UNKNOWN, MaskGITScheduler, generate, inpaint_tokens, token_region
 
-# reference/mage.md §5.1 [run]: tokens still masked after each step, L = 256
+# measured on the official gen_img_uncond.py: tokens still masked after each step, L = 256
 REF_12 = [253, 247, 236, 221, 203, 181, 155, 128, 97, 66, 33, 1]
 
 
@@ -26,7 +26,7 @@ def tiny_mage(grid: int = 4, codebook: int = 32) -> MAGE:
 
 def run_schedule(num_iter: int, length: int = 256, batch: int = 2, seed: int = 0) -> list[list[int]]:
     """Still-masked counts per step, driving the scheduler with random logits."""
-    sched = MaskGITScheduler(num_iter)
+    sched = MaskGITScheduler(num_iter=num_iter)
     tokens = torch.full((batch, length), UNKNOWN)
     unknown = torch.ones(batch, length, dtype=torch.bool)
     g = gen(seed)
@@ -47,7 +47,7 @@ def test_schedule_matches_the_official_counts():
     counts20 = [c[0] for c in run_schedule(20)]
     assert counts20[:3] == [255, 252, 248] and counts20[-3:] == [40, 20, 1]
     assert all(len(set(c)) == 1 for c in run_schedule(12, batch=3))  # one value for the whole batch
-    sched = MaskGITScheduler(12)
+    sched = MaskGITScheduler(num_iter=12)
     assert sched.mask_ratio(0) == pytest.approx(math.cos(math.pi / 24)) and abs(sched.mask_ratio(11)) < 1e-12
 
 
@@ -95,7 +95,7 @@ def test_inpainting_keeps_known_tokens():
                          callback=lambda s, o: seen.append(o.unknown.sum(1).tolist()))
     assert torch.equal(out[~region], codes[~region])
     assert int(out.min()) >= 0 and int(out.max()) < 32
-    sched = MaskGITScheduler(5)
+    sched = MaskGITScheduler(num_iter=5)
     for step, counts in enumerate(seen):
         expect = [max(1, math.floor(u * sched.mask_ratio(step))) for u in (12, 24)]
         assert counts == expect
@@ -129,16 +129,24 @@ def test_greedy_sampling_with_zero_temperature():
     assert torch.equal(a, generate(m, 1, num_iter=3, temperature=0.0, generator=gen(1)))
 
 
+def box_mask(x0: int, y0: int, x1: int, y1: int, size: int) -> torch.Tensor:
+    """Pixel mask [size, size], True inside the end-exclusive box."""
+    m = torch.zeros(size, size, dtype=torch.bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
 def test_token_region_matches_the_maintainers_example():
     """LTH14/mage issue #3: a 128x128 hole at pixels 64..191 of a 256 image covers tokens 4..11, and the
     maintainer masked one token beyond it (3..12)."""
-    overlap = box_region((64, 64, 192, 192), 256, 16)
+    hole = box_mask(64, 64, 192, 192, 256)
+    overlap = token_region(hole, 16)
     assert overlap.shape == (16, 16) and overlap.sum() == 64 and overlap[4:12, 4:12].all()
-    grown = box_region((64, 64, 192, 192), 256, 16, dilate=1)
+    grown = token_region(hole, 16, dilate=1)
     assert grown.sum() == 100 and grown[3:13, 3:13].all()
     pixel = torch.zeros(2, 32, 32, dtype=torch.bool)
     pixel[1, 0, 17] = True  # one pixel selects its whole token
     t = token_region(pixel, 8)
     assert t.shape == (2, 4, 4) and t.sum() == 1 and t[1, 0, 2]
-    with pytest.raises(ValueError):
-        box_region((0, 0, 300, 10), 256, 16)
+    with pytest.raises(ValueError, match="multiple of the token size"):
+        token_region(torch.zeros(30, 32, dtype=torch.bool), 16)

@@ -5,7 +5,7 @@ Per step: images (RandomResizedCrop + flip from `data`, then optional RandAugmen
 (timm's batch mode: one lambda per batch, cutmix or mixup chosen with `switch_prob`) -> soft-target
 cross-entropy with label smoothing. AdamW with layer-wise lr decay: parameter group of layer i gets
 lr x layer_decay^(depth + 1 - i) (token_emb 0, blocks.i i+1, norms and head depth+1); 1-D parameters get no
-weight decay. The periodic / final hook evaluates top-1/top-5 on `loss.eval_data` (centre crop) and writes
+weight decay. The periodic / final hook evaluates top-1/top-5 on `finetune.eval_data` (centre crop) and writes
 `eval/finetune.json` in the run directory.
 """
 from __future__ import annotations
@@ -14,18 +14,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
-from ..config import option
+from ..data.sources import open_source
+from ..engine.method import HookContext, Method
 from ..errors import ConfigError, UserError
-from ..methods import MethodSpec
-from ..methods.base import HookContext, Method
-from .classifier import MAGEClassifier, check_compatible
+from ..eval.features import compute_features
+from ..eval.linear_probe import topk_accuracy
+from ..eval.report import write_json
+from ..models import from_pretrained
+from ..models.classifier import MAGEClassifier, check_compatible
+from ..options import Options, option
+from ..registry import METHODS
 
 RESULT_FILE = "eval/finetune.json"
 
 
 @dataclass
-class FinetuneModelConfig:
+class FinetuneModelConfig(Options):
     pretrained: str = option("", "pre-trained MAGE weights / checkpoint / run directory (with its tokenizer)")
     num_classes: int = option(0, "classes of the head (0: from the training data's labels)", min=0)
     pool: str = option("mean", "mean: fc_norm of the mean image-token output (official); cls: norm of [C0]",
@@ -36,7 +42,7 @@ class FinetuneModelConfig:
 
 
 @dataclass
-class FinetuneLossConfig:
+class FinetuneObjective(Options):
     label_smoothing: float = option(0.1, "label smoothing of the targets", min=0.0, max=0.5)
     mixup: float = option(0.0, "mixup Beta(alpha, alpha) (official: 0.8; 0: off)", min=0.0)
     cutmix: float = option(0.0, "cutmix Beta(alpha, alpha) (official: 1.0; 0: off)", min=0.0)
@@ -50,7 +56,7 @@ class FinetuneLossConfig:
     eval_limit: int = option(0, "evaluate a fixed random subset of N images (0: all)", min=0)
 
 
-def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: FinetuneLossConfig):
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: FinetuneObjective):
     """images [B, 3, H, W], labels [B] -> (mixed images, soft targets [B, C]) with label smoothing; mixing partner
     of sample i is sample B-1-i (timm's batch flip). Randomness: torch's global RNG (re-seeded by the engine)."""
     off = cfg.label_smoothing / num_classes
@@ -78,38 +84,31 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg:
 
 
 def num_classes_of(data: str, split: str) -> int:
-    from ..data.sources import open_source
-
     source = open_source(data, split)
     if not source.classes:
         raise UserError(f"{data} is unlabeled: fine-tuning needs class labels (one sub-folder per class, .cls members)")
     return max(len(source.classes), max((c + 1 for c in source.classes if isinstance(c, int)), default=0))
 
 
+@METHODS.register("finetune", model=FinetuneModelConfig, options=FinetuneObjective,
+                  summary="end-to-end fine-tuning of a MAGE encoder + linear head (layer-wise lr decay, mixup/cutmix)")
 class FinetuneMethod(Method):
     def __init__(self, cfg):
         super().__init__()
-        from ..models.mage import MAGE
-        from ..weights import from_pretrained
-
         m = cfg.model
         if not m.pretrained:
             raise ConfigError("model.pretrained is required: the MAGE checkpoint to fine-tune (--ckpt)")
         mage = from_pretrained(m.pretrained)
-        if not isinstance(mage, MAGE):
-            raise ConfigError(f"{m.pretrained} holds a '{mage.model_name}' model; fine-tuning needs a MAGE model")
         check_compatible(mage)
         if cfg.data.image_size != mage.config.image_size:
             raise ConfigError(f"data.image_size={cfg.data.image_size} but the MAGE model takes "
                               f"{mage.config.image_size}x{mage.config.image_size} images")
         num_classes = m.num_classes or num_classes_of(cfg.data.path, cfg.data.split)
         self.classifier = MAGEClassifier.from_mage(mage, num_classes, m.drop_path, m.pool)
-        self.layer_decay, self.loss_cfg = m.layer_decay, cfg.loss
+        self.layer_decay, self.loss_cfg = m.layer_decay, cfg.objective
         self.randaugment = None
-        if cfg.loss.randaugment:
-            from torchvision.transforms import v2
-
-            self.randaugment = v2.RandAugment(cfg.loss.ra_num_ops, cfg.loss.ra_magnitude)
+        if cfg.objective.randaugment:
+            self.randaugment = v2.RandAugment(cfg.objective.ra_num_ops, cfg.objective.ra_magnitude)
 
     def release_model(self) -> MAGEClassifier:
         return self.classifier
@@ -164,34 +163,20 @@ class _LogitsView(torch.nn.Module):
 def evaluate_classifier(classifier: MAGEClassifier, data: str, split: str, limit: int = 0, device="cpu",
                         progress: bool = False) -> dict:
     """Top-1 / top-5 (percent) of `classifier` on `data` (centre crop)."""
-    from .features import compute_features
-    from .linear_probe import topk_accuracy
-
     was_training = classifier.training
     classifier.eval()
     logits, labels = compute_features(_LogitsView(classifier), data, split, limit=limit, device=str(device),
                                       progress=progress)
     classifier.train(was_training)
     if bool((labels < 0).any()):
-        raise UserError(f"loss.eval_data {data} has unlabeled images")
+        raise UserError(f"finetune.eval_data {data} has unlabeled images")
     return {**topk_accuracy(logits, labels), "num_eval": len(labels)}
 
 
 def evaluate_hook(method: FinetuneMethod, ctx: HookContext) -> None:
-    """Evaluate on loss.eval_data; log eval_top1 / eval_top5 and write eval/finetune.json in the run directory."""
-    from .report import write_json
-
+    """Evaluate on finetune.eval_data; log eval_top1 / eval_top5 and write eval/finetune.json in the run directory."""
     cfg = method.loss_cfg
     acc = evaluate_classifier(method.classifier, cfg.eval_data, cfg.eval_split, cfg.eval_limit, ctx.device)
     ctx.log({"eval_top1": acc["top1"], "eval_top5": acc["top5"]})
     write_json(ctx.run_dir / RESULT_FILE, {"step": ctx.step, "eval_data": cfg.eval_data, "eval_split": cfg.eval_split,
                                            **acc})
-
-
-SPEC = MethodSpec(
-    name="finetune",
-    summary="end-to-end fine-tuning of a MAGE encoder + linear head (layer-wise lr decay, mixup/cutmix)",
-    model_config=FinetuneModelConfig,
-    loss_config=FinetuneLossConfig,
-    build=FinetuneMethod,
-)

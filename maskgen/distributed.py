@@ -1,4 +1,5 @@
-"""torch.distributed set-up from torchrun's environment; a single process needs no process group."""
+"""The DDP primitives of maskgen: set-up from torchrun's environment and the collectives methods and the engine
+use. A single process needs no process group: every function is then the identity / a constant."""
 from __future__ import annotations
 
 import datetime
@@ -6,6 +7,9 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+from .errors import UserError
 
 
 def env_world() -> tuple[int, int, int]:
@@ -21,8 +25,6 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            from ..errors import UserError
-
             raise UserError("train.device=cuda but no CUDA device is available (use train.device=cpu)")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
@@ -51,10 +53,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def is_main() -> bool:
-    return rank() == 0
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -65,6 +63,24 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
         t /= dist.get_world_size()
+    return t
+
+
+def mean_over_ranks(t: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    """The average of `t` over the ranks (identity in a single process). `differentiable`: through
+    torch.distributed.nn's all_reduce, whose backward sums the gradients of every rank's copy, so that DDP's
+    gradient averaging then gives exactly the single-process gradient of a whole-batch statistic."""
+    if world_size() == 1:
+        return t
+    if differentiable:
+        return dist_nn.all_reduce(t) / world_size()
+    return all_reduce_mean(t.detach())
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite `t` in place with rank `src`'s values (no-op in a single process)."""
+    if dist.is_initialized():
+        dist.broadcast(t, src=src)
     return t
 
 

@@ -7,7 +7,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from .. import api
+from ..data.token_cache import cache_tokens
+from ..demo import run_demo
+from ..errors import UserError
+from ..eval.features import extract_features
+from ..generation import edit_image, generate_images
+from ..registry import METHODS
+from ..sampling import add_sampler_arguments, sampler_options_from_args
+from .eval import add_eval_parser, run_eval
 
 TRAIN_EPILOG = """\
 examples:
@@ -16,16 +24,15 @@ examples:
   maskgen train tokenizer --config my.yaml --run-dir runs/tok --resume auto
   torchrun --nproc_per_node=2 $(which maskgen) train tokenizer --config tokenizer-tiny
 
-key=value overrides address section.key (sections: model, loss, data, optim, schedule, train, dist, log);
+key=value overrides address section.key (sections: model, METHOD (the method's own options, e.g. mage.tokenizer),
+data, optim, schedule, train, dist, log, vis);
 `maskgen config show PRESET` lists every key with its value. data.path accepts an image folder (class
 sub-folders give labels), WebDataset shards ('shards/train-{000000..000009}.tar'), 'cifar10' or 'mnist5k'.
 """
 
 
 def _methods() -> list[str]:
-    from .methods import method_names
-
-    return method_names()
+    return METHODS.names()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Encode every image of --data with a tokenizer into one memory-mappable "
                                     "file: K views (view 0 = centre crop, the others RandomResizedCrop) and their "
                                     "horizontal flips, with labels. MAGE training reads it with "
-                                    "data.token_cache=FILE instead of running the tokenizer every step. The file "
+                                    "mage.token_cache=FILE instead of running the tokenizer every step. The file "
                                     "records hashes of the tokenizer and the transform; a mismatch is refused.")
     ct.add_argument("--tokenizer", required=True, help="tokenizer weights / checkpoint / run directory")
     ct.add_argument("--data", required=True, help="image folder, shards, 'cifar10' or 'mnist5k'")
@@ -73,24 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--seed", type=int, default=0)
     ct.add_argument("--device", default="cpu", help="cpu or cuda")
 
-    gen = sub.add_parser("generate", help="generate images with a MAGE model (iterative decoding)",
-                         description="Generate images from scratch: every token starts masked and is filled in "
-                                     "num-iter MaskGIT steps (cosine schedule, Gumbel-noised confidence). Image i "
-                                     "depends only on (--seed, i). Writes 000000.png ... and grid.png.")
-    gen.add_argument("--ckpt", required=True, help="MAGE weights / checkpoint / run directory")
+    gen = sub.add_parser("generate", help="generate images with a generative model (MAGE: iterative decoding)",
+                         description="Generate images from scratch with the sampler the model declares (MAGE: "
+                                     "every token starts masked and is filled in num-iter MaskGIT steps, cosine "
+                                     "schedule, Gumbel-noised confidence). Image i depends only on (--seed, i). "
+                                     "Writes 000000.png ... and grid.png. Unset sampler options keep the "
+                                     "sampler's defaults.")
+    gen.add_argument("--ckpt", required=True, help="weights / checkpoint / run directory of a generative model")
     gen.add_argument("--out", required=True, help="output folder")
     gen.add_argument("--num-images", type=int, default=16)
     _sampling_args(gen)
     gen.add_argument("--batch-size", type=int, default=16)
 
-    ed = sub.add_parser("edit", help="inpaint, outpaint or uncrop an image with a MAGE model",
+    ed = sub.add_parser("edit", help="inpaint, outpaint or uncrop an image with a generative model (MAGE)",
                         description="Regenerate part of an image: its tokens start masked (one token beyond the "
                                     "pixel region), the others stay fixed. The image is resized to the model's "
                                     "resolution; OUT and OUT_panel.png (input | masked | result) are written.")
     ed.add_argument("kind", choices=("inpaint", "outpaint", "uncrop"),
                     help="inpaint: regenerate --box or --mask; outpaint: add --pad pixels on every side; "
                          "uncrop: keep --box, regenerate the rest")
-    ed.add_argument("--ckpt", required=True, help="MAGE weights / checkpoint / run directory")
+    ed.add_argument("--ckpt", required=True, help="weights / checkpoint / run directory of a model that edits "
+                                                  "(MAGE)")
     ed.add_argument("--image", required=True, help="input image file")
     ed.add_argument("--out", required=True, help="output PNG file")
     ed.add_argument("--box", help="x0,y0,x1,y1 in pixels of the input image (end-exclusive)")
@@ -127,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--src", required=True, help="official .pth file")
     mg.add_argument("--out", required=True, help="output weights folder")
 
-    from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
 
@@ -147,50 +156,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-iter", type=int, default=12, help="decoding iterations (official: 12; README: 20)")
-    p.add_argument("--choice-temperature", type=float, default=4.5,
-                   help="Gumbel noise scale on the confidence, annealed to 0 (official: 4.5; README FID: 6.0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the tokens (0: argmax)")
-    p.add_argument("--device", default="cpu")
+    """--seed, --device and one flag per option of every registered sampler (`sampler_options_from_args`)."""
+
+    p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_sampler_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import api
-
     if args.command == "train":
         api.train(args.method, args.config, args.overrides, run_dir=args.run_dir, resume=args.resume)
     elif args.command == "config":
         if args.config_command == "list":
-            from .config import read_preset
-
             for name in api.list_presets():
-                print(f"{name:24s} {read_preset(name).get('method', '?')}")
+                print(f"{name:24s} {api.read_preset(name).get('method', '?')}")
         else:
             print(api.show_config(args.preset, args.overrides), end="")
     elif args.command == "cache-tokens":
-        from .data.token_cache import cache_tokens
-
         out = cache_tokens(args.tokenizer, args.data, args.out, image_size=args.image_size, views=args.views,
                            split=args.split, crop_scale=tuple(args.crop_scale), batch_size=args.batch_size,
                            seed=args.seed, device=args.device)
         print(f"wrote {out}")
     elif args.command == "generate":
-        from .generation import generate_images
-
-        out = generate_images(args.ckpt, args.out, args.num_images, args.seed, args.num_iter,
-                              args.choice_temperature, args.temperature, args.batch_size, args.device)
+        out = generate_images(args.ckpt, args.out, args.num_images, args.seed, args.batch_size, args.device,
+                              **sampler_options_from_args(args))
         print(f"wrote {args.num_images} images to {out}")
     elif args.command == "edit":
-        from .generation import edit_image
-
         out = edit_image(args.kind, args.ckpt, args.image, args.out, box=args.box, mask=args.mask, pad=args.pad,
-                         seed=args.seed, num_iter=args.num_iter, choice_temperature=args.choice_temperature,
-                         temperature=args.temperature, dilate=args.dilate, device=args.device)
+                         seed=args.seed, dilate=args.dilate, device=args.device, **sampler_options_from_args(args))
         print(f"wrote {out}")
     elif args.command == "features":
-        from .generation import extract_features
-
         out = extract_features(args.ckpt, args.data, args.out, args.split, args.pool, batch_size=args.batch_size,
                                limit=args.limit, device=args.device)
         print(f"wrote {out}")
@@ -198,20 +193,27 @@ def run(args: argparse.Namespace) -> int:
         out = api.convert(args.convert_command, args.src, args.out)
         print(f"wrote {out}")
     elif args.command == "demo":
-        from .demo import run_demo
-
         if args.max_steps < 0 or args.num_images < 1:
             raise UserError("--max-steps must be >= 0 and --num-images >= 1")
         run_demo(args.run_dir, args.max_steps, args.num_images, args.device)
     elif args.command == "eval":
-        from .eval.cli import run_eval
-
         return run_eval(args)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        return _main(argv)
+    except UserError as e:
+        print(f"maskgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maskgen: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()  # loads the plugins: a broken one is a UserError
     # overrides may come before or after options: `train tokenizer key=v --config X key2=v2`
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if "=" not in e or e.startswith("-") or not hasattr(args, "overrides")]
@@ -222,14 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"maskgen: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("maskgen: interrupted", file=sys.stderr)
-        return 130
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -9,55 +9,47 @@ pool ("mean": fc_norm(mean of the L image-token outputs), a NEW trainable LayerN
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.frozen_tokenizer import FrozenTokenizerMixin
-from ..models.mage import MAGE, MAGEConfig, TokenEmbedding
-from ..models.registry import register_model
-from ..models.vit import Block
+from ..options import Options, option
+from ..registry import MODELS
+from .frozen_tokenizer import FrozenTokenizerMixin
+from .layers import Block
+from .mage import MAGE, MAGEConfig, TokenEmbedding
 
 ENCODER_PREFIXES = ("token_emb.", "blocks.")
 
 
 @dataclass
-class MAGEClassifierConfig:
-    encoder: dict = field(default_factory=dict)  # the pre-trained MAGEConfig, as a dict
-    num_classes: int = 10
-    drop_path: float = 0.1
-    pool: str = "mean"
+class MAGEClassifierConfig(Options):
+    encoder: dict = option({}, "the pre-trained MAGEConfig, as a dict")
+    num_classes: int = option(10, "classes of the head", min=1)
+    drop_path: float = option(0.1, "stochastic depth rate of the last block", min=0.0, lt=1.0)
+    pool: str = option("mean", "mean: fc_norm of the mean image-token output; cls: norm of [C0]",
+                       choices=("mean", "cls"))
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth on a residual branch x [B, ...]: zero whole samples with probability `rate`, scale the
-    others by 1 / (1 - rate) (timm's DropPath)."""
-    if rate == 0.0 or not training:
-        return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - rate)
-    return x * keep / (1 - rate)
-
-
-@register_model("mage-classifier", MAGEClassifierConfig)
+@MODELS.register("mage-classifier", config=MAGEClassifierConfig)
 class MAGEClassifier(FrozenTokenizerMixin, nn.Module):
     def __init__(self, config: MAGEClassifierConfig):
         super().__init__()
-        if config.pool not in ("mean", "cls"):
-            raise UserError(f"pool must be 'mean' or 'cls', got {config.pool!r}")
         self.config = config
         self.mage_config = c = MAGEConfig(**config.encoder)
         self.token_emb = TokenEmbedding(c.vocab_size, c.embed_dim, c.num_tokens + 1, c.dropout)
-        self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, drop=c.dropout, attn_drop=c.dropout)
-                                    for _ in range(c.depth))
+        # stochastic depth rising linearly from 0 (first block) to config.drop_path (last block)
+        rates = torch.linspace(0, config.drop_path, c.depth).tolist() if c.depth else []
+        self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, drop=c.dropout, attn_drop=c.dropout,
+                                          drop_path=rate) for rate in rates)
         # only the pooling's norm exists, so that every parameter gets a gradient (DDP)
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if config.pool == "cls" else None
         self.fc_norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if config.pool == "mean" else None
         self.head = nn.Linear(c.embed_dim, config.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
-        self.drop_rates = torch.linspace(0, config.drop_path, c.depth).tolist() if c.depth else []
 
     @property
     def image_size(self) -> int:
@@ -99,9 +91,8 @@ class MAGEClassifier(FrozenTokenizerMixin, nn.Module):
         c = self.mage_config
         cls_ids = torch.full((len(tokens), 1), c.cls_id, dtype=torch.long, device=tokens.device)
         h = self.token_emb(torch.cat([cls_ids, tokens], 1))
-        for blk, rate in zip(self.blocks, self.drop_rates):
-            h = h + drop_path(blk.attn(blk.norm1(h)), rate, self.training)
-            h = h + drop_path(blk.mlp(blk.norm2(h)), rate, self.training)
+        for blk in self.blocks:
+            h = blk(h)
         if pool == "mean":
             return self.fc_norm(h[:, 1:].mean(1))
         return self.norm(h)[:, 0]

@@ -12,6 +12,20 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+from .. import api, distributed
+from ..engine.optim import scaled_lr
+from ..errors import UserError
+from ..eval.features import cached_features, load_encoder, require_labels
+from ..eval.fewshot import fewshot_eval
+from ..eval.fid import evaluate_fid
+from ..eval.image_sets import is_checkpoint
+from ..eval.knn import knn_classify
+from ..eval.linear_probe import train_linear_probe, train_linear_probe_augmented
+from ..eval.report import format_table, write_json
+from ..methods.finetune import RESULT_FILE
+from ..sampling import add_sampler_arguments, sampler_options_from_args
+from ..weights import resolve_weights_dir
+
 DATA_HELP = "image folder (class sub-folders), WebDataset shards, 'cifar10' or 'mnist5k'"
 
 
@@ -39,6 +53,7 @@ def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
 
 def add_eval_parser(subparsers) -> None:
     """Add `eval` and its five commands to the top-level subparsers."""
+
     ev = subparsers.add_parser("eval", help="evaluate: linear probe, kNN, few-shot, fine-tuning, FID",
                                description="Evaluate representations (linear-probe, knn, fewshot, finetune) or "
                                            "generated images (fid). Each prints a table and writes JSON.")
@@ -79,7 +94,7 @@ def add_eval_parser(subparsers) -> None:
                                     "smoothing and optional mixup/cutmix/RandAugment, through the training engine "
                                     "(checkpoints, --resume auto, torchrun). The test set is evaluated at the end.",
                         epilog="Every key of the 'finetune' method can be overridden: `maskgen config show "
-                               "finetune-tiny` lists them (model.layer_decay, model.drop_path, loss.mixup, ...).")
+                               "finetune-tiny` lists them (model.layer_decay, model.drop_path, finetune.mixup, ...).")
     ft.add_argument("--ckpt", required=True, help="pre-trained MAGE weights / checkpoint / run directory")
     ft.add_argument("--data", required=True, help=f"training data: {DATA_HELP}")
     ft.add_argument("--split", default="train")
@@ -117,6 +132,7 @@ def add_eval_parser(subparsers) -> None:
     fd.add_argument("--device", default="cpu")
     fd.add_argument("--json", help="result file (default: INPUT1/eval/fid.json for a checkpoint, else "
                                    "runs/eval/fid-DATE-TIME.json)")
+    add_sampler_arguments(fd)  # options of the sampler of a checkpoint input, e.g. --num-iter
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -131,8 +147,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _test_source(args) -> tuple[str, str]:
-    from ..errors import UserError
-
     if args.test_data:
         return args.test_data, args.test_split
     if args.data in ("cifar10", "mnist5k"):
@@ -141,16 +155,12 @@ def _test_source(args) -> tuple[str, str]:
 
 
 def _finish(title: str, rows: list, result: dict, json_path: str | Path) -> int:
-    from .report import format_table, write_json
-
     path = write_json(json_path, result)
     print(format_table(title, rows + [("json", str(path))]))
     return 0
 
 
 def _feature_eval(args) -> int:
-    from .features import cached_features, load_encoder, require_labels
-
     test_data, test_split = _test_source(args)
     model = load_encoder(args.ckpt, args.device)
     common = dict(pool=args.pool, image_size=args.image_size, batch_size=args.feature_batch_size, device=args.device)
@@ -161,8 +171,6 @@ def _feature_eval(args) -> int:
             "test_data": test_data, "test_split": test_split, "pool": args.pool}
     json_path = args.json or Path(args.ckpt) / "eval" / f"{args.eval_command}.json"
     if args.eval_command == "linear-probe" and args.augment:
-        from .linear_probe import train_linear_probe_augmented
-
         r = train_linear_probe_augmented(model, args.data, args.split, test_x, test_y, **_probe_opts(args),
                                          pool=args.pool, image_size=args.image_size, limit=args.limit,
                                          num_workers=args.num_workers, device=args.device)
@@ -171,18 +179,13 @@ def _feature_eval(args) -> int:
                                        **common)
     require_labels(train_y, args.data)
     if args.eval_command == "linear-probe":
-        from .linear_probe import train_linear_probe
-
         r = train_linear_probe(train_x, train_y, test_x, test_y, **_probe_opts(args))
         return _probe_report(args, r, info, json_path, "centre-crop features")
     if args.eval_command == "knn":
-        from .knn import knn_classify
-
         r = knn_classify(train_x, train_y, test_x, test_y, k=args.k, T=args.temperature)
         rows = [("top1 (%)", r["top1"]), ("top5 (%)", r["top5"]), ("k / T", f"{r['k']} / {r['T']}"),
                 ("train / test images", f"{r['num_train']} / {r['num_test']}")]
         return _finish(f"kNN of {args.ckpt} ({args.pool} pool) on {args.data}", rows, {**info, **r}, json_path)
-    from .fewshot import fewshot_eval
 
     r = fewshot_eval(train_x, train_y, test_x, test_y, shots=args.shots, seeds=args.seeds, l2=args.l2)
     rows = [(f"{n}-shot top1 (%)", f"{v['mean']:.2f} +- {v['std']:.2f}") for n, v in r["results"].items()]
@@ -191,7 +194,7 @@ def _feature_eval(args) -> int:
 
 
 def _probe_opts(args) -> dict:
-    lr = args.lr if args.lr is not None or args.blr is None else args.blr * args.batch_size / 256
+    lr = args.lr if args.lr is not None or args.blr is None else scaled_lr(args.blr, args.batch_size)
     return dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer,
                 weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed)
 
@@ -206,23 +209,15 @@ def _probe_report(args, r: dict, info: dict, json_path, path_name: str) -> int:
 
 
 def _finetune(args) -> int:
-    from ..config import build_config
-    from ..engine import dist
-    from ..engine.trainer import train
-    from ..errors import UserError
-    from ..weights import resolve_weights_dir
-    from .finetune import RESULT_FILE
-    from .report import write_json
-
     test_data, test_split = _test_source(args)
     meta = json.loads((resolve_weights_dir(args.ckpt) / "config.json").read_text())
     if meta.get("model") != "mage":
         raise UserError(f"{args.ckpt} holds a '{meta.get('model')}' model: fine-tuning needs a MAGE checkpoint")
     overrides = [f"model.pretrained={args.ckpt}", f"data.path={args.data}", f"data.split={args.split}",
-                 f"data.image_size={meta['config']['image_size']}", f"loss.eval_data={test_data}",
-                 f"loss.eval_split={test_split}", *args.overrides]
-    run_dir = train(build_config("finetune", args.config, overrides), run_dir=args.run_dir, resume=args.resume)
-    if dist.env_world()[0] != 0:
+                 f"data.image_size={meta['config']['image_size']}", f"finetune.eval_data={test_data}",
+                 f"finetune.eval_split={test_split}", *args.overrides]
+    run_dir = api.train("finetune", args.config, overrides, run_dir=args.run_dir, resume=args.resume)
+    if distributed.env_world()[0] != 0:
         return 0
     result_file = run_dir / RESULT_FILE
     if not result_file.is_file():  # stopped by a signal before the final evaluation
@@ -231,7 +226,6 @@ def _finetune(args) -> int:
     r = json.loads(result_file.read_text())
     if args.json:
         write_json(args.json, r)
-    from .report import format_table
 
     print(format_table(f"fine-tuning of {args.ckpt} on {args.data}", [
         ("top1 (%)", r["top1"]), ("top5 (%)", r["top5"]), ("steps", r["step"]),
@@ -241,12 +235,10 @@ def _finetune(args) -> int:
 
 
 def _fid(args) -> int:
-    from .fid import evaluate_fid
-    from .image_sets import is_checkpoint
-
     r = evaluate_fid(args.input1, args.input2, extractor=args.extractor, inception_weights=args.inception_weights,
                      metrics=args.metrics, image_size=args.image_size, limit=args.limit, num_gen=args.num_gen,
-                     seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir, device=args.device)
+                     seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir, device=args.device,
+                     sampler_options=sampler_options_from_args(args))
     json_path = args.json or (Path(args.input1) / "eval" / "fid.json" if is_checkpoint(args.input1) else
                               Path("runs") / "eval" / f"fid-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     names = {"inception": "Inception-V3 (standard FID)", "lite0": "EfficientNet-Lite0 (FD-lite0, not FID)"}

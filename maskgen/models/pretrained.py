@@ -1,0 +1,73 @@
+"""Saving and loading registered models: `save_pretrained(model, DIR)` and `from_pretrained(DIR)`.
+
+`config.json` records the registry name and the config dataclass of the model, so `from_pretrained` rebuilds
+any model of the `MODELS` registry (built-in or from a plugin). A model may carry attachments outside its
+state_dict (MAGE's frozen tokenizer): `save_attachments(DIR)` / `load_attachments(DIR)` hooks, when defined.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..registry import MODELS
+from ..weights import read_weights, resolve_weights_dir, write_weights
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """A registered model built from its config defaults plus `overrides`."""
+    cls = MODELS.get(name)
+    return cls(cls.config_class(**overrides))
+
+
+def model_config_dict(model: nn.Module) -> dict:
+    """The JSON-able description of a registered model: {"model": name, "config": {...}}."""
+    return {"model": model.model_name, "config": dataclasses.asdict(model.config)}
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, ema_state: dict | None = None) -> Path:
+    """Write `model.safetensors` (+ `ema.safetensors`), `config.json` and the model's attachments into `directory`."""
+    directory = write_weights(directory, model.state_dict(), model_config_dict(model), ema_state)
+    if hasattr(model, "save_attachments"):  # e.g. MAGE's frozen tokenizer, in a sub-folder
+        model.save_attachments(directory)
+    return directory
+
+
+def build_from_config(meta: dict, where: str | os.PathLike = "config.json") -> nn.Module:
+    """The model described by a config.json dict {"model": name, "config": {...}}, randomly initialised.
+    Keys a model's `legacy_config_keys` lists (options that moved out of the architecture) are dropped."""
+    try:
+        name, cfg = meta["model"], dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{where} is not a maskgen model config (missing {e})") from None
+    cls = MODELS.get(name)
+    for key in getattr(cls, "legacy_config_keys", ()):
+        cfg.pop(key, None)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise UserError(f"{where}: unknown keys {unknown} for model '{name}'")
+    try:
+        return cls(cls.config_class(**cfg))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: invalid config for model '{name}' ({e})") from None
+
+
+def from_pretrained(path: str | os.PathLike, ema: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+    """The model saved in `path` (a weights, checkpoint or run directory), in eval mode.
+
+    `ema=True` loads the EMA weights where the checkpoint has them."""
+    directory = resolve_weights_dir(path)
+    meta, state = read_weights(directory, ema=ema)
+    model = build_from_config(meta, directory / "config.json")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{directory} does not match model '{model.model_name}': missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    if hasattr(model, "load_attachments"):
+        model.load_attachments(directory)
+    return model.to(device).eval()
