@@ -246,25 +246,57 @@ def test_vitb_features_from_images(vitb):
 
 
 # ------------------------------------------------------------------ unchanged behaviour across refactors
-def test_logits_equal_the_recorded_reference(tmp_path):
-    """tests/convert/reference_mage_logits.safetensors holds logits and features of a converted official-layout
-    MAGE computed by the code before the house rebuild (see make_reference_logits.py); today's code must give
-    the same numbers for the same checkpoint, tokens and masks."""
-    from safetensors import safe_open
+# Recorded from main at 8e412b6, before the house rebuild (issue 13): a converted official-layout MAGE (dim 16,
+# heads 2 / 4, grid 4, 16 codes), its values drawn from seed 0 in sorted key order, on these tokens and masks.
+RECORDED_TOKENS = [[5, 11, 12, 8, 15, 9, 11, 5, 15, 0, 0, 1, 12, 7, 13, 12],
+                   [6, 9, 2, 4, 14, 5, 2, 4, 11, 12, 10, 12, 13, 14, 2, 4]]
+RECORDED_MASK = [[1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 1, 0, 1, 1, 0, 1, 1, 1, 1, 0]]
+RECORDED_DROP = [[0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0, 1, 0, 1, 0, 0, 1, 1, 1, 1, 0]]
+RECORDED_FREE_MASK = [[0, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 0],
+                      [0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]]
+RECORDED = {
+    "train_sum": [48.625163450604305, 48.243887457065284],  # logits [2, 17, 1017], summed per sample
+    "train_abs_sum": [7637.091761430493, 7636.1323812184855],
+    "train_0_first": [[0.5647133588790894, -0.460773229598999, -0.7160478830337524],  # [0, :4, :3]
+                      [0.5483286380767822, -0.4467317461967468, -0.6978514194488525],
+                      [0.6367908120155334, -0.42659735679626465, -0.7325646281242371],
+                      [0.5773065090179443, -0.3065158724784851, -0.5596795082092285]],
+    "train_1_last": [0.5540722012519836, 0.5801599621772766, 0.33323684334754944],  # [1, 16, -3:]
+    "free_first": [[0.5634896159172058, -0.4615650773048401, -0.7189855575561523, -0.1066342443227768],  # [0, :3, :4]
+                   [0.5513536334037781, -0.4505224823951721, -0.7172446846961975, -0.04254639148712158],
+                   [0.6291916966438293, -0.41849538683891296, -0.7305350303649902, -0.10354194045066833]],
+    "free_sum": -9.086371025070548,  # codebook logits [2, 17, 16] without dropping, summed
+    "features_first": [[-0.5724581480026245, -0.8739931583404541, -0.1819583922624588, 1.5331987142562866],
+                       [-0.5592019557952881, -0.7353305816650391, -0.20690232515335083, 1.5877004861831665]],
+    "features_abs_sum": [14.109944969415665, 14.030594393610954],
+}
 
-    from make_reference_logits import OUT, official_state_dict
 
-    with safe_open(str(OUT), "pt") as f:
-        meta, ref = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    heads = [int(h) for h in meta["heads"].split(",")]
-    torch.save({"model": official_state_dict(json.loads(meta["shapes"]), int(meta["seed"]))}, tmp_path / "mage.pth")
-    model = from_pretrained(convert_mage(tmp_path / "mage.pth", tmp_path / "out", num_heads=heads[0],
-                                         decoder_num_heads=heads[1]))
+def seeded_official_state_dict(shapes: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random official-layout tensors (std 0.3) drawn in sorted key order, so that they depend only on the key ->
+    shape list and the seed; `token_emb.position_ids` is an arange."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randn(shapes[k], generator=g) * 0.3 for k in sorted(shapes) if k != "token_emb.position_ids"}
+    sd["token_emb.position_ids"] = torch.arange(shapes["token_emb.position_ids"][-1])[None]
+    return sd
+
+
+def test_logits_equal_the_numbers_recorded_before_the_house_rebuild(tmp_path):
+    shapes = {k: list(v.shape) for k, v in tiny_official_state_dict(dim=16).items()}
+    torch.save({"model": seeded_official_state_dict(shapes)}, tmp_path / "mage.pth")
+    model = from_pretrained(convert_mage(tmp_path / "mage.pth", tmp_path / "out", num_heads=2, decoder_num_heads=4))
+    tokens = torch.tensor(RECORDED_TOKENS)
+    mask, drop, free = (torch.tensor(m, dtype=torch.bool) for m in (RECORDED_MASK, RECORDED_DROP, RECORDED_FREE_MASK))
     with torch.no_grad():
-        train_logits = model(ref["tokens"], ref["mask"], ref["drop_mask"])
-        free_logits = model(ref["tokens"], ref["free_mask"])[..., :16]
-        features = model.forward_features(ref["tokens"])
-    assert train_logits.shape == ref["train_logits"].shape == (2, 17, 16 + 1001)
-    assert (train_logits - ref["train_logits"]).abs().max().item() < 1e-5
-    assert (free_logits - ref["free_logits"]).abs().max().item() < 1e-5
-    assert (features - ref["features"]).abs().max().item() < 1e-5
+        train = model(tokens, mask, drop).double()
+        free_logits = model(tokens, free)[..., :16].double()
+        features = model.forward_features(tokens).double()
+    assert train.shape == (2, 17, 16 + 1001)
+    assert train.sum(dim=(1, 2)).tolist() == pytest.approx(RECORDED["train_sum"], abs=1e-3)
+    assert train.abs().sum(dim=(1, 2)).tolist() == pytest.approx(RECORDED["train_abs_sum"], rel=1e-6)
+    assert train[0, :4, :3].tolist() == [pytest.approx(r, abs=1e-5) for r in RECORDED["train_0_first"]]
+    assert train[1, 16, -3:].tolist() == pytest.approx(RECORDED["train_1_last"], abs=1e-5)
+    assert free_logits[0, :3, :4].tolist() == [pytest.approx(r, abs=1e-5) for r in RECORDED["free_first"]]
+    assert free_logits.sum().item() == pytest.approx(RECORDED["free_sum"], abs=1e-4)
+    assert features[:, :4].tolist() == [pytest.approx(r, abs=1e-5) for r in RECORDED["features_first"]]
+    assert features.abs().sum(1).tolist() == pytest.approx(RECORDED["features_abs_sum"], rel=1e-6)
