@@ -20,7 +20,7 @@ from .data.decode import BadImage, decode_image
 from .errors import UserError
 from .models import from_pretrained
 from .progress import progress_bar
-from .sampling import Sampler, sampler_for, samples_to_images
+from .sampling import Sampler, check_can_generate, sampler_for, samples_to_images
 from .seeding import per_image_generators
 
 EDIT_KINDS = ("inpaint", "outpaint", "uncrop")
@@ -30,13 +30,7 @@ def load_generator_model(ckpt: str | os.PathLike, device: str = "cpu"):
     """The model saved in `ckpt`, in eval mode, checked able to generate: it names a `default_sampler`, and its
     `check_can_sample()` (MAGE: a tokenizer is attached) passes."""
     model = from_pretrained(ckpt, device=device)
-    if getattr(model, "default_sampler", None) is None:
-        raise UserError(f"{ckpt} holds a '{model.model_name}' model, which cannot generate images")
-    if hasattr(model, "check_can_sample"):
-        try:
-            model.check_can_sample()
-        except UserError as e:
-            raise UserError(f"{ckpt}: {e}") from None
+    check_can_generate(model, source=str(ckpt))
     return model
 
 

@@ -1,7 +1,7 @@
 """The three registries: models, methods and samplers, each filled by a class decorator and looked up by name.
 
     @MODELS.register("mage", config=MAGEConfig)       a saveable architecture (config.json records the name)
-    @METHODS.register("mage", model=MAGEConfig, method=MAGEObjective)   what `maskgen train NAME` runs
+    @METHODS.register("mage", model=MAGEConfig, options=MAGEObjective)  what `maskgen train NAME` runs
     @SAMPLERS.register("maskgit", options=MaskGITOptions)               how a generative model samples
 
 The built-in entries register when their package is imported (`maskgen.models`, `maskgen.methods`,
@@ -12,8 +12,10 @@ This module imports nothing of maskgen but its errors: every layer may use it.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+from importlib.metadata import entry_points
 from typing import Any, Callable
 
 from .errors import UserError
@@ -56,9 +58,6 @@ class Registry:
         load_plugins()
         return sorted(self._entries)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
 
 MODELS = Registry("model", "model_name", {"config": "config_class"})
 METHODS = Registry("method", "method_name", {"model": "model_config", "options": "options_class",
@@ -68,16 +67,20 @@ SAMPLERS = Registry("sampler", "sampler_name", {"options": "options_class"})
 _loaded: set[str] = set()
 
 
+@functools.cache
+def _entry_point_plugins() -> tuple[str, ...]:
+    """Modules of the `maskgen.plugins` entry-point group, read once per process (installed packages do not
+    change while it runs)."""
+    try:
+        return tuple(ep.value for ep in entry_points(group="maskgen.plugins"))
+    except Exception:  # a broken distribution's metadata must not stop the library
+        return ()
+
+
 def load_plugins() -> None:
     """Import the plugin modules (MASKGEN_PLUGINS, entry points `maskgen.plugins`) not imported yet."""
     names = [m.strip() for m in os.environ.get("MASKGEN_PLUGINS", "").split(",") if m.strip()]
-    try:
-        from importlib.metadata import entry_points
-
-        names += [ep.value for ep in entry_points(group="maskgen.plugins")]
-    except Exception:  # a broken distribution's metadata must not stop the library
-        pass
-    for name in names:
+    for name in [*names, *_entry_point_plugins()]:
         if name in _loaded:
             continue
         _loaded.add(name)

@@ -1,10 +1,10 @@
 """Samplers behind one contract (`base.Sampler`, registered in `maskgen.registry.SAMPLERS`); importing this
 package registers the built-in ones: `maskgit` (MaskGIT iterative decoding for MAGE)."""
-from .base import (Sampler, add_sampler_arguments, sampler_for, sampler_options_from_args,  # noqa: F401
-                   samples_to_images)
+from .base import (Sampler, add_sampler_arguments, check_can_generate, sampler_for,  # noqa: F401
+                   sampler_options_from_args, samples_to_images)
 from .maskgit import (UNKNOWN, MaskGITOptions, MaskGITScheduler, MaskGITStepOutput, generate,  # noqa: F401
                       inpaint_tokens, token_region)
 
-__all__ = ["Sampler", "sampler_for", "samples_to_images", "add_sampler_arguments", "sampler_options_from_args",
+__all__ = ["Sampler", "check_can_generate", "sampler_for", "samples_to_images", "add_sampler_arguments", "sampler_options_from_args",
            "UNKNOWN", "MaskGITOptions", "MaskGITScheduler", "MaskGITStepOutput", "generate", "inpaint_tokens",
            "token_region"]

@@ -100,14 +100,25 @@ def _model_name(model) -> str:
     return getattr(model, "model_name", None) or type(model).__name__
 
 
-def sampler_for(model, **options: Any) -> Sampler:
-    """The sampler `model.default_sampler` names, with `options` over its defaults. Raises UserError when the
-    model declares no sampler, or when its own `check_can_sample()` (if it has one) says it cannot sample."""
+def check_can_generate(model, source: str | None = None) -> None:
+    """Raise UserError when the model declares no sampler, or when its own `check_can_sample()` (if it has one)
+    says it cannot sample now; `source` (e.g. the checkpoint it came from) goes into the message."""
     if getattr(model, "default_sampler", None) is None:
-        raise UserError(f"a '{_model_name(model)}' model cannot generate images (it declares no default_sampler)")
+        raise UserError(f"{source} holds a '{_model_name(model)}' model, which cannot generate images" if source else
+                        f"a '{_model_name(model)}' model cannot generate images (it declares no default_sampler)")
     check = getattr(model, "check_can_sample", None)
     if check is not None:
-        check()
+        try:
+            check()
+        except UserError as e:
+            if source is None:
+                raise
+            raise UserError(f"{source}: {e}") from None
+
+
+def sampler_for(model, **options: Any) -> Sampler:
+    """The sampler `model.default_sampler` names, with `options` over its defaults (`check_can_generate` first)."""
+    check_can_generate(model)
     return SAMPLERS.get(model.default_sampler)(**options)
 
 
