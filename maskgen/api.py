@@ -23,6 +23,7 @@ from .eval.fid import evaluate_fid
 from .eval.knn import knn_classify
 from .eval.linear_probe import train_linear_probe
 from .generation import edit_image, generate_images
+from .outputs import prepare_dir
 from .registry import METHODS
 
 
@@ -50,6 +51,7 @@ CONVERTERS = {"vqgan": convert_vqgan, "mage": convert_mage}
 
 def convert(kind: str, src: str | Path, out: str | Path) -> Path:
     """`maskgen convert KIND --src FILE --out DIR`: import an official checkpoint; returns DIR."""
+    prepare_dir(out, "output folder", create=False)
     return CONVERTERS[kind](src, out)
 
 

@@ -73,7 +73,7 @@ class TrainConfig(Options):
     epochs: float = option(100.0, "schedule length in epochs", min=0.0)
     max_steps: int = option(0, "stop after this many optimizer steps (0: run all epochs); the lr schedule "
                                 "still follows `epochs`", min=0)
-    seed: int = option(0, "global seed (data order, augmentation, masking, dropout)")
+    seed: int = option(0, "global seed (data order, augmentation, masking, dropout)", min=0)
     precision: str = option("auto", "auto (bf16 where it is faster: CUDA with bf16, or a CPU with native bf16 "
                                     "matmuls; else fp32), fp32, bf16 autocast, or fp16 autocast + GradScaler "
                                     "(CUDA only)", choices=("auto", "fp32", "bf16", "fp16"))
@@ -142,27 +142,35 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def read_preset(name_or_path: str) -> dict:
+def read_preset(name_or_path: str, _chain: tuple[str, ...] = ()) -> dict:
     """The raw dict of a preset name or a YAML path, with `base:` presets merged in."""
     path = Path(name_or_path)
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file not found: {name_or_path}")
-        text = path.read_text()
+        key, source = str(path.resolve()), path
     else:
         res = _preset_dir() / f"{name_or_path}.yaml"
         if not res.is_file():
             hint = did_you_mean(name_or_path, list_presets())
             raise ConfigError(f"unknown preset '{name_or_path}'{hint} (see `maskgen config list`)")
-        text = res.read_text()
+        key, source = f"preset:{name_or_path}", res
+    if key in _chain:
+        raise ConfigError(f"{name_or_path}: 'base:' presets form a cycle ({' -> '.join((*_chain, key))})")
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(source.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{name_or_path}: not a UTF-8 text file (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{name_or_path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{name_or_path}: a config must be a mapping of sections")
     base = data.pop("base", None)
-    return _merge(read_preset(base), data) if base else data
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{name_or_path}: 'base:' must name one preset or YAML file, got {base!r}")
+    return _merge(read_preset(base, (*_chain, key)), data)
 
 
 def _merge(base: dict, top: dict) -> dict:

@@ -31,6 +31,19 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def check_device(name: str, flag: str = "--device") -> str:
+    """`name` when this machine has that device (cpu, cuda, cuda:N, mps), else a UserError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{flag} {name!r} is not a device (use cpu or cuda)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"{flag} {name}: no such CUDA device here (use --device cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag} {name}: MPS is not available here (use --device cpu)")
+    return name
+
+
 def init(device: torch.device, backend: str = "auto", timeout_s: int = 600) -> None:
     """Join the process group when launched with WORLD_SIZE > 1 (env:// rendezvous from torchrun)."""
     _, local, world = env_world()

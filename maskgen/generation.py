@@ -7,6 +7,7 @@ Sampler options (`num_iter=...` for MaskGIT) are keyword arguments passed on to 
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +20,7 @@ from torchvision.utils import make_grid, save_image
 from .data.decode import BadImage, decode_image
 from .errors import UserError
 from .models import from_pretrained
+from .outputs import atomic_write, prepare_dir, prepare_file
 from .progress import progress_bar
 from .sampling import Sampler, check_can_generate, sampler_for, samples_to_images
 from .seeding import per_image_generators
@@ -59,19 +61,24 @@ def generate_images(ckpt: str | os.PathLike, out: str | os.PathLike, num_images:
     `sampler_options` (e.g. num_iter=20) go to the model's sampler."""
     if num_images < 1 or batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
+    out = prepare_dir(out, "output folder")
     model = load_generator_model(ckpt, device)
     batches = generated_batches(model, num_images, batch_size, seed, device, **sampler_options)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     grid = []
     with progress_bar(total=num_images, unit="img", desc="generate", enabled=progress) as bar:
         for first, images in zip(range(0, num_images, batch_size), batches):
             for i, img in enumerate(images):
-                save_image(img, out / f"{first + i:06d}.png")
+                _save_png(img, out / f"{first + i:06d}.png")
             grid.extend(images[: max(0, 64 - len(grid))])
             bar.update(len(images))
-    save_image(make_grid(torch.stack(grid), nrow=8), out / "grid.png")
+    _save_png(make_grid(torch.stack(grid), nrow=8), out / "grid.png")
     return out
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    """[3, H, W] in [0, 1] -> PNG at `path`, complete or not at all."""
+    with atomic_write(path) as tmp:
+        save_image(image, tmp, format="png")
 
 
 # ------------------------------------------------------------------------------------------- editing
@@ -92,6 +99,8 @@ def _parse_box(box: str, scale_x: float, scale_y: float, size: int) -> tuple[int
         x0, y0, x1, y1 = (float(v) for v in box.split(","))
     except ValueError:
         raise UserError(f"--box must be x0,y0,x1,y1 in pixels, got {box!r}") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise UserError(f"--box must be four finite numbers, got {box!r}")
     x0, x1 = round(x0 * scale_x), round(x1 * scale_x)
     y0, y1 = round(y0 * scale_y), round(y1 * scale_y)
     if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
@@ -143,6 +152,7 @@ def edit_image(kind: str, ckpt: str | os.PathLike, image: str | os.PathLike, out
     pixels outside the region are pasted back from the input."""
     if kind not in EDIT_KINDS:
         raise UserError(f"unknown edit '{kind}' (choose {', '.join(EDIT_KINDS)})")
+    out = prepare_file(out, "output image")
     model = load_generator_model(ckpt, device)
     sampler = sampler_for(model, **sampler_options)
     if type(sampler).edit is Sampler.edit or not all(hasattr(model, a) for a in ("encode_samples", "sample_region")):
@@ -167,9 +177,7 @@ def edit_image(kind: str, ckpt: str | os.PathLike, image: str | os.PathLike, out
                                generator=per_image_generators(seed, 0, 1, device))
         result = samples_to_images(model, samples)[0]
     result = torch.where(region, result, x)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(result, out)
-    save_image(make_grid(torch.stack([x, masked, result]), nrow=3, padding=2, pad_value=1.0),
-               out.with_name(out.stem + "_panel.png"))
+    _save_png(result, out)
+    _save_png(make_grid(torch.stack([x, masked, result]), nrow=3, padding=2, pad_value=1.0),
+              out.with_name(out.stem + "_panel.png"))
     return out

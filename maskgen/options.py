@@ -14,6 +14,7 @@ Constructing an `Options` dataclass checks every field against its `choices` and
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -41,17 +42,28 @@ def did_you_mean(key: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+INT_MAX = 2**63 - 1  # what torch and numpy take: larger integers are refused everywhere
+
+
 def check_value(f: dataclasses.Field, value, key: str) -> None:
     """Raise ConfigError when `value` (or an item of a list value) breaks the field's choices or bounds."""
-    m = f.metadata
+    check_bounds(f.metadata, value, key)
+
+
+def check_bounds(m, value, key: str) -> None:
+    """Raise ConfigError when `value` (or each item of a list) is not one of `m['choices']`, is out of the bounds
+    `m['min']`/`m['max']` (inclusive), `m['gt']`/`m['lt']` (exclusive), or is not a finite number: NaN and
+    infinities never pass, nor integers beyond 64 bits."""
     for v in value if isinstance(value, list) else [value]:
         if v is None or isinstance(v, (bool, str)) and not m.get("choices"):
             continue
         if m.get("choices") and v not in m["choices"]:
             raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, m['choices']))}"
                               f"{did_you_mean(str(v), map(str, m['choices']))}")
-        if isinstance(v, float) and math.isnan(v):
-            raise ConfigError(f"{key}: NaN is not a valid value")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}: {v} is not a valid value (a finite number is needed)")
+        if isinstance(v, int) and abs(v) > INT_MAX:
+            raise ConfigError(f"{key}: {v} is too large (the limit is {INT_MAX})")
         for bound, ok, words in (("min", lambda x, b: x >= b, "below the minimum"),
                                  ("max", lambda x, b: x <= b, "above the maximum"),
                                  ("gt", lambda x, b: x > b, "must be greater than"),
@@ -60,6 +72,21 @@ def check_value(f: dataclasses.Field, value, key: str) -> None:
             if b is not None and isinstance(v, (int, float)) and not ok(v, b):
                 raise ConfigError(f"{key}: {v!r} is {words} {b}" if bound in ("min", "max")
                                   else f"{key}: {v!r} {words} {b}")
+
+
+def flag_type(tp, flag: str = "", **bounds):
+    """An argparse `type=` for a command-line flag: parsed like a config value of type `tp` and checked with
+    the same rules (`bounds`: choices, min, max, gt, lt), so a bad flag is a usage error (exit 2)."""
+    def convert(raw: str):
+        try:
+            value = parse_value(tp, raw, flag)
+            check_bounds(bounds, value, flag)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag}: ") if flag else str(e)) from None
+        return value
+
+    convert.__name__ = getattr(tp, "__name__", str(tp))
+    return convert
 
 
 class Options:

@@ -7,6 +7,7 @@ is `maskgen.models.from_pretrained`; this module only knows the files.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -23,14 +24,30 @@ EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 
 
+def _harmless_globals() -> list:
+    """Types that official training scripts (MAGE's and MAE's `main_pretrain.py`) pickle beside the weights and
+    that cannot run code: the `args` Namespace and the numpy scalars in it, under numpy 1's and numpy 2's names."""
+    import numpy as np
+
+    scalar = np.dtype("float64").type(0).__reduce__()[0]  # numpy's scalar reconstructor
+    allowed: list = [argparse.Namespace, np.dtype, (scalar, "numpy.core.multiarray.scalar"),
+                     (scalar, "numpy._core.multiarray.scalar")]
+    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType"):
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
+            allowed.append(getattr(np.dtypes, name))
+    return allowed
+
+
 def safe_torch_load(path: str | os.PathLike) -> object:
-    """`torch.load(weights_only=True)`: tensors and plain types only. A file that needs arbitrary
-    unpickling (which could run code) is refused with a UserError instead of being executed."""
+    """`torch.load(weights_only=True)`: tensors and plain types only (plus an `argparse.Namespace` of training
+    arguments and numpy scalars, as official checkpoints hold). A file that needs any other unpickling (which
+    could run code) is refused with a UserError instead of being executed."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such file: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_harmless_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(
             f"refusing to load {path}: it holds pickled Python objects beyond tensors and plain types, "
@@ -61,16 +78,37 @@ def write_weights(directory: str | os.PathLike, state: dict[str, torch.Tensor], 
 def read_weights(directory: str | os.PathLike, ema: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json as a dict, state dict) of a weights directory; `ema=True` reads `ema.safetensors`."""
     directory = Path(directory)
+    meta = read_model_config(directory)
+    weights = directory / (EMA_FILE if ema else WEIGHTS_FILE)
+    if ema and not weights.is_file():
+        raise UserError(f"{directory} has no EMA weights ({EMA_FILE})")
+    return meta, read_safetensors(weights)
+
+
+def read_model_config(directory: str | os.PathLike) -> dict:
+    """config.json of a weights directory ({"model": name, "config": {...}}), or a one-line UserError."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file():
+        raise UserError(f"{directory} holds no {CONFIG_FILE}: not a maskgen weights folder")
     try:
         meta = json.loads((directory / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{directory / CONFIG_FILE} is not a maskgen model config ({e})") from None
-    if not isinstance(meta, dict):
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise UserError(f"{directory / CONFIG_FILE} is not a maskgen model config (not a JSON object)")
-    weights = directory / (EMA_FILE if ema else WEIGHTS_FILE)
-    if ema and not weights.is_file():
-        raise UserError(f"{directory} has no EMA weights ({EMA_FILE})")
-    return meta, load_file(str(weights))
+    return meta
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing, truncated or foreign file is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (header, truncation), OSError, ...
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read {path}: not a complete safetensors file ({detail})") from None
 
 
 # ------------------------------------------------------------------ checkpoint folders of a run directory

@@ -1,4 +1,5 @@
-"""Shared fixtures: the CIFAR-10 (JPEG) shards in ../shared/data/cifar10, small image folders, a CLI runner."""
+"""Shared fixtures: the CIFAR-10 (JPEG) shards in ../shared/data/cifar10, small image folders, a CLI runner, tiny saved
+models and files to poke at (`tiny_models`)."""
 from __future__ import annotations
 
 import io
@@ -76,3 +77,28 @@ def png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    """Weights folders built from the tokenizer-tiny / mage-tiny presets (random weights, saved in a second), an
+    image, a file that is not an image, and a plain file."""
+    from PIL import Image
+
+    from maskgen.config import build_config
+    from maskgen.models import create_model, save_pretrained
+    from maskgen.registry import METHODS
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    tok_cfg = build_config(METHODS.get("tokenizer"), "tokenizer-tiny").model
+    tok = create_model("vqgan", **vars(tok_cfg))
+    save_pretrained(tok, root / "tok")
+    mage = create_model("mage", **vars(build_config(METHODS.get("mage"), "mage-tiny").model))
+    mage.set_tokenizer(tok)
+    save_pretrained(mage, root / "mage")
+    Image.new("RGB", (32, 32), (90, 40, 20)).save(root / "in.png")
+    (root / "text.png").write_text("not an image")
+    (root / "afile").write_text("a file, not a folder")
+    return {"tok": root / "tok", "mage": root / "mage", "image": root / "in.png", "text": root / "text.png",
+            "file": root / "afile", "root": root}

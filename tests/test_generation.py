@@ -112,10 +112,11 @@ def test_cli_flags_come_from_the_sampler_options(ckpt, tmp_path, capsys):
         assert "maskgit sampler options" in text
         assert "--num-iter NUM_ITER decoding iterations (official: 12; README: 20) (default: 12)" in text
         assert "--choice-temperature" in text and "--temperature TEMPERATURE sampling temperature" in text
-    assert main(["generate", "--ckpt", str(ckpt), "--out", str(tmp_path / "g"), "--num-images", "2",
-                 "--num-iter", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # a usage error of argparse, before anything is loaded
+        main(["generate", "--ckpt", str(ckpt), "--out", str(tmp_path / "g"), "--num-images", "2", "--num-iter", "0"])
     err = capsys.readouterr().err
-    assert "num_iter: 0 is below the minimum 1" in err and err.count("\n") == 1
+    assert exit_.value.code == 2 and "argument --num-iter: 0 is below the minimum 1" in err
+    assert not (tmp_path / "g").exists()
     assert main(["generate", "--ckpt", str(ckpt), "--out", str(tmp_path / "g"), "--num-images", "2",
                  "--num-iter", "2", "--choice-temperature", "0"]) == 0
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["000000.png", "000001.png", "grid.png"]

@@ -1,18 +1,24 @@
 """The `maskgen` command line. Each subcommand is a thin wrapper over a function of the `maskgen` package.
 
-User mistakes (bad config, missing files, unsafe checkpoints) end with one line on stderr and exit code 2.
+User mistakes (bad config, bad flag values, missing or corrupt files) end with one line on stderr and exit code 2;
+environment faults (full disk, read-only folder, a run directory in use) and failed runs with one line and exit
+code 1 (`main`, the error boundary). `--debug` shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from .. import api
 from ..data.token_cache import cache_tokens
 from ..demo import run_demo
-from ..errors import UserError
+from ..distributed import check_device
+from ..errors import MaskgenError, disk_full_message, is_disk_full, os_error_message
 from ..eval.features import extract_features
 from ..generation import edit_image, generate_images
+from ..options import flag_type
 from ..registry import METHODS
 from ..sampling import add_sampler_arguments, sampler_options_from_args
 from .eval import add_eval_parser, run_eval
@@ -31,6 +37,12 @@ sub-folders give labels), WebDataset shards ('shards/train-{000000..000009}.tar'
 """
 
 
+# OS errors that are the environment's or the request's, never maskgen's: one line, no traceback
+EXPECTED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+                   errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EIO, errno.EMFILE, errno.ENFILE, errno.EFBIG,
+                   errno.ENODEV, errno.ENXIO}
+
+
 def _methods() -> list[str]:
     return METHODS.names()
 
@@ -40,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="maskgen",
         description="Masked generative encoders: pre-train, generate, edit, evaluate.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `maskgen COMMAND --help` for the options of a command.")
+        epilog="Run `maskgen COMMAND --help` for the options of a command. Errors are one line (exit code 2: a "
+               "usage error, 1: the run failed); --debug anywhere on the line (or MASKGEN_DEBUG=1) shows the "
+               "traceback.")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a method (pre-training or tokenizer)", description=(
@@ -71,13 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--tokenizer", required=True, help="tokenizer weights / checkpoint / run directory")
     ct.add_argument("--data", required=True, help="image folder, shards, 'cifar10' or 'mnist5k'")
     ct.add_argument("--out", required=True, help="output file (.safetensors)")
-    ct.add_argument("--views", type=int, default=10, help="augmented views per image (default 10)")
-    ct.add_argument("--image-size", type=int, required=True, help="image side the tokenizer sees, e.g. 32")
+    ct.add_argument("--views", type=flag_type(int, min=1), default=10, help="augmented views per image (default 10)")
+    ct.add_argument("--image-size", type=flag_type(int, min=8), required=True,
+                    help="image side the tokenizer sees, e.g. 32")
     ct.add_argument("--split", default="train", help="split of a named dataset (default train)")
-    ct.add_argument("--crop-scale", type=float, nargs=2, default=(0.2, 1.0), metavar=("MIN", "MAX"),
+    ct.add_argument("--crop-scale", type=flag_type(float, gt=0.0, max=1.0), nargs=2,
+                    default=(0.2, 1.0), metavar=("MIN", "MAX"),
                     help="RandomResizedCrop area range of views 1..K-1 (default 0.2 1.0)")
-    ct.add_argument("--batch-size", type=int, default=64, help="views encoded per batch")
-    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--batch-size", type=flag_type(int, min=1), default=64, help="views encoded per batch")
+    ct.add_argument("--seed", type=flag_type(int, min=0), default=0)
     ct.add_argument("--device", default="cpu", help="cpu or cuda")
 
     gen = sub.add_parser("generate", help="generate images with a generative model (MAGE: iterative decoding)",
@@ -88,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "sampler's defaults.")
     gen.add_argument("--ckpt", required=True, help="weights / checkpoint / run directory of a generative model")
     gen.add_argument("--out", required=True, help="output folder")
-    gen.add_argument("--num-images", type=int, default=16)
+    gen.add_argument("--num-images", type=flag_type(int, min=1), default=16)
     _sampling_args(gen)
-    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--batch-size", type=flag_type(int, min=1), default=16)
 
     ed = sub.add_parser("edit", help="inpaint, outpaint or uncrop an image with a generative model (MAGE)",
                         description="Regenerate part of an image: its tokens start masked (one token beyond the "
@@ -105,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--out", required=True, help="output PNG file")
     ed.add_argument("--box", help="x0,y0,x1,y1 in pixels of the input image (end-exclusive)")
     ed.add_argument("--mask", help="mask image of the input's size; white = regenerate (inpaint)")
-    ed.add_argument("--pad", type=int, help="pixels added on every side (outpaint)")
-    ed.add_argument("--dilate", type=int, default=1, help="grow the token region by this many tokens (default 1)")
+    ed.add_argument("--pad", type=flag_type(int, min=1), help="pixels added on every side (outpaint)")
+    ed.add_argument("--dilate", type=flag_type(int, min=0), default=1,
+                    help="grow the token region by this many tokens (default 1)")
     _sampling_args(ed)
 
     ft = sub.add_parser("features", help="extract features of a dataset with a pre-trained encoder",
@@ -118,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--split", default="train")
     ft.add_argument("--pool", default="mean", choices=("mean", "cls"),
                     help="mean: LayerNorm of the mean image-token output (official linear probe); cls: [C] token")
-    ft.add_argument("--batch-size", type=int, default=64)
-    ft.add_argument("--limit", type=int, default=0, help="a fixed random subset of N images (0: all)")
+    ft.add_argument("--batch-size", type=flag_type(int, min=1), default=64)
+    ft.add_argument("--limit", type=flag_type(int, min=0), default=0, help="a fixed random subset of N images (0: all)")
+    ft.add_argument("--image-size", type=flag_type(int, min=8),
+                    help="image side fed to the model (default: the model's; needed for a tokenizer)")
     ft.add_argument("--device", default="cpu")
 
     cv = sub.add_parser("convert", help="import an official checkpoint as a maskgen weights folder")
@@ -148,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "same --run-dir to resume an interrupted demo.",
                         epilog="presets: tokenizer-demo, mage-demo (`maskgen config show mage-demo`)")
     dm.add_argument("--run-dir", default="runs/demo", help="output directory (default runs/demo)")
-    dm.add_argument("--max-steps", type=int, default=0,
+    dm.add_argument("--max-steps", type=flag_type(int, min=0), default=0,
                     help="cap each training run at N steps: a smoke test (the images are then noise); 0: full demo")
-    dm.add_argument("--num-images", type=int, default=64, help="digits to generate (default 64)")
+    dm.add_argument("--num-images", type=flag_type(int, min=1), default=64, help="digits to generate (default 64)")
     dm.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
 
@@ -158,12 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     """--seed, --device and one flag per option of every registered sampler (`sampler_options_from_args`)."""
 
-    p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default 0)")
+    p.add_argument("--seed", type=flag_type(int, min=0), default=0,
+                   help="image i depends only on (seed, i) (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     add_sampler_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
     if args.command == "train":
         api.train(args.method, args.config, args.overrides, run_dir=args.run_dir, resume=args.resume)
     elif args.command == "config":
@@ -186,15 +209,13 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed, dilate=args.dilate, device=args.device, **sampler_options_from_args(args))
         print(f"wrote {out}")
     elif args.command == "features":
-        out = extract_features(args.ckpt, args.data, args.out, args.split, args.pool, batch_size=args.batch_size,
-                               limit=args.limit, device=args.device)
+        out = extract_features(args.ckpt, args.data, args.out, args.split, args.pool, image_size=args.image_size,
+                               batch_size=args.batch_size, limit=args.limit, device=args.device)
         print(f"wrote {out}")
     elif args.command == "convert":
         out = api.convert(args.convert_command, args.src, args.out)
         print(f"wrote {out}")
     elif args.command == "demo":
-        if args.max_steps < 0 or args.num_images < 1:
-            raise UserError("--max-steps must be >= 0 and --num-images >= 1")
         run_demo(args.run_dir, args.max_steps, args.num_images, args.device)
     elif args.command == "eval":
         return run_eval(args)
@@ -202,14 +223,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line's error boundary: expected failures (`MaskgenError`, and OS errors such as a full disk, a
+    read-only folder or a missing file) print one line and return their exit code (2: usage, 1: the run failed);
+    `--debug` anywhere on the line, or MASKGEN_DEBUG=1, shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MASKGEN_DEBUG", "").lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != "--debug"]
     try:
         return _main(argv)
-    except UserError as e:
-        print(f"maskgen: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("maskgen: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        failure = expected_failure(e)
+        if failure is None or debug:
+            raise
+        message, code = failure
+        print(f"maskgen: error: {message}", file=sys.stderr)
+        return code
+
+
+def expected_failure(e: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) of a failure that is not a bug of maskgen, else None."""
+    if isinstance(e, MaskgenError):
+        return str(e), e.exit_code
+    if isinstance(e, OSError) and e.errno in EXPECTED_ERRNOS:
+        return os_error_message(e), 1
+    if is_disk_full(e):
+        return disk_full_message(e), 1
+    return None
 
 
 def _main(argv: list[str] | None) -> int:

@@ -23,8 +23,10 @@ from ..eval.knn import knn_classify
 from ..eval.linear_probe import train_linear_probe, train_linear_probe_augmented
 from ..eval.report import format_table, write_json
 from ..methods.finetune import RESULT_FILE
+from ..options import flag_type
+from ..outputs import prepare_file
 from ..sampling import add_sampler_arguments, sampler_options_from_args
-from ..weights import resolve_weights_dir
+from ..weights import read_model_config, resolve_weights_dir
 
 DATA_HELP = "image folder (class sub-folders), WebDataset shards, 'cifar10' or 'mnist5k'"
 
@@ -39,14 +41,18 @@ def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
     p.add_argument("--pool", default="mean", choices=("mean", "cls"),
                    help="mean: parameter-free LayerNorm of the mean token output (MAGE official; the tokenizer: "
                         "mean latent); cls: the [C0] token")
-    p.add_argument("--image-size", type=int, help="image side fed to the model (default: the model's)")
-    p.add_argument("--limit", type=int, default=0, help="a fixed random subset of N training images (0: all)")
-    p.add_argument("--test-limit", type=int, default=0, help="a fixed random subset of N test images (0: all)")
-    p.add_argument("--batch-size", type=int, default=batch_default, help=f"default {batch_default}")
-    p.add_argument("--feature-batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--image-size", type=flag_type(int, min=8),
+                   help="image side fed to the model (default: the model's)")
+    p.add_argument("--limit", type=flag_type(int, min=0), default=0,
+                   help="a fixed random subset of N training images (0: all)")
+    p.add_argument("--test-limit", type=flag_type(int, min=0), default=0,
+                   help="a fixed random subset of N test images (0: all)")
+    p.add_argument("--batch-size", type=flag_type(int, min=1), default=batch_default, help=f"default {batch_default}")
+    p.add_argument("--feature-batch-size", type=flag_type(int, min=1), default=64,
+                   help="images per forward pass (default 64)")
     p.add_argument("--feature-cache", metavar="DIR",
                    help="cache the features in DIR (safetensors, keyed by checkpoint, data, split, pool, size, limit)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flag_type(int, min=0), default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", help="result file (default: CKPT/eval/COMMAND.json)")
 
@@ -64,30 +70,31 @@ def add_eval_parser(subparsers) -> None:
                                     "top-1/top-5. Default (fast): features of centre crops computed once; "
                                     "--augment: RandomResizedCrop + flip views every epoch (the paper protocol).")
     _feature_args(lp, 256)
-    lp.add_argument("--epochs", type=int, default=90, help="default 90 (MAE/MAGE)")
+    lp.add_argument("--epochs", type=flag_type(int, min=1), default=90, help="default 90 (MAE/MAGE)")
     lp.add_argument("--optimizer", default="lars", choices=("lars", "sgd", "adamw"))
-    lp.add_argument("--lr", type=float, help="absolute lr (default: blr x batch / 256)")
-    lp.add_argument("--blr", type=float, help="base lr (default: lars/sgd 0.1 as MAGE ViT-B, adamw 1e-3)")
-    lp.add_argument("--weight-decay", type=float, default=0.0)
-    lp.add_argument("--warmup-epochs", type=float, help="default epochs / 9 (10 of 90)")
+    lp.add_argument("--lr", type=flag_type(float, gt=0.0), help="absolute lr (default: blr x batch / 256)")
+    lp.add_argument("--blr", type=flag_type(float, gt=0.0),
+                    help="base lr (default: lars/sgd 0.1 as MAGE ViT-B, adamw 1e-3)")
+    lp.add_argument("--weight-decay", type=flag_type(float, min=0.0), default=0.0)
+    lp.add_argument("--warmup-epochs", type=flag_type(float, min=0.0), help="default epochs / 9 (10 of 90)")
     lp.add_argument("--augment", action="store_true", help="train on augmented views through the frozen encoder")
-    lp.add_argument("--num-workers", type=int, default=0, help="data-loading workers of --augment")
+    lp.add_argument("--num-workers", type=flag_type(int, min=0), default=0, help="data-loading workers of --augment")
 
     kn = sub.add_parser("knn", help="weighted kNN on L2-normalised frozen features (k=20, T=0.07)",
                         description="Each test image takes the k most cosine-similar training images, weighted "
                                     "by exp(similarity / T), and predicts the class with the largest total weight.")
     _feature_args(kn, 64)
-    kn.add_argument("--k", type=int, default=20)
-    kn.add_argument("--temperature", "-T", type=float, default=0.07)
+    kn.add_argument("--k", type=flag_type(int, min=1), default=20)
+    kn.add_argument("--temperature", "-T", type=flag_type(float, gt=0.0), default=0.07)
 
     fs = sub.add_parser("fewshot", help="N-shot ridge regression on frozen features (UMD protocol)",
                         description="For each N of --shots and each seed: N images per class, features whitened "
                                     "by the shots' mean/std, a bias feature, +-1 targets, closed-form ridge "
                                     "(l2 1024); top-1 mean +- std over seeds.")
     _feature_args(fs, 64)
-    fs.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
-    fs.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    fs.add_argument("--l2", type=float, default=1024.0, help="ridge penalty (UMD: 1024)")
+    fs.add_argument("--shots", type=flag_type(int, min=1), nargs="+", default=[1, 5, 10])
+    fs.add_argument("--seeds", type=flag_type(int, min=0), nargs="+", default=[0, 1, 2])
+    fs.add_argument("--l2", type=flag_type(float, min=0.0), default=1024.0, help="ridge penalty (UMD: 1024)")
 
     ft = sub.add_parser("finetune", help="fine-tune a MAGE encoder end to end (training method 'finetune')",
                         description="Fine-tune --ckpt on --data with layer-wise lr decay, drop path, label "
@@ -122,12 +129,15 @@ def add_eval_parser(subparsers) -> None:
     fd.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's " 
                     "weights-inception-2015-12-05-6726825d.pth")
     fd.add_argument("--metrics", nargs="+", default=["fd", "is", "kid", "prc"], choices=("fd", "is", "kid", "prc"))
-    fd.add_argument("--image-size", type=int, help="resize (shorter side) + centre crop both sets to this size "
+    fd.add_argument("--image-size", type=flag_type(int, min=8),
+                    help="resize (shorter side) + centre crop both sets to this size "
                                                    "(default: as they are)")
-    fd.add_argument("--limit", type=int, default=0, help="a fixed random subset of N images of each set (0: all)")
-    fd.add_argument("--num-gen", type=int, default=1000, help="images generated from a checkpoint input")
-    fd.add_argument("--seed", type=int, default=0, help="seed of generated images")
-    fd.add_argument("--batch-size", type=int, default=64)
+    fd.add_argument("--limit", type=flag_type(int, min=0), default=0,
+                    help="a fixed random subset of N images of each set (0: all)")
+    fd.add_argument("--num-gen", type=flag_type(int, min=1), default=1000,
+                    help="images generated from a checkpoint input")
+    fd.add_argument("--seed", type=flag_type(int, min=0), default=0, help="seed of generated images")
+    fd.add_argument("--batch-size", type=flag_type(int, min=1), default=64)
     fd.add_argument("--cache-dir", help="reference feature cache (default ~/.cache/maskgen/fid)")
     fd.add_argument("--device", default="cpu")
     fd.add_argument("--json", help="result file (default: INPUT1/eval/fid.json for a checkpoint, else "
@@ -162,6 +172,8 @@ def _finish(title: str, rows: list, result: dict, json_path: str | Path) -> int:
 
 def _feature_eval(args) -> int:
     test_data, test_split = _test_source(args)
+    resolve_weights_dir(args.ckpt)  # a missing checkpoint is reported as such, before its eval/ folder is made
+    json_path = prepare_file(args.json or Path(args.ckpt) / "eval" / f"{args.eval_command}.json", "result file")
     model = load_encoder(args.ckpt, args.device)
     common = dict(pool=args.pool, image_size=args.image_size, batch_size=args.feature_batch_size, device=args.device)
     test_x, test_y = cached_features(args.ckpt, model, test_data, test_split, args.feature_cache,
@@ -169,7 +181,6 @@ def _feature_eval(args) -> int:
     require_labels(test_y, test_data)
     info = {"ckpt": str(args.ckpt), "model": model.model_name, "data": args.data, "split": args.split,
             "test_data": test_data, "test_split": test_split, "pool": args.pool}
-    json_path = args.json or Path(args.ckpt) / "eval" / f"{args.eval_command}.json"
     if args.eval_command == "linear-probe" and args.augment:
         r = train_linear_probe_augmented(model, args.data, args.split, test_x, test_y, **_probe_opts(args),
                                          pool=args.pool, image_size=args.image_size, limit=args.limit,
@@ -210,7 +221,9 @@ def _probe_report(args, r: dict, info: dict, json_path, path_name: str) -> int:
 
 def _finetune(args) -> int:
     test_data, test_split = _test_source(args)
-    meta = json.loads((resolve_weights_dir(args.ckpt) / "config.json").read_text())
+    if args.json:
+        prepare_file(args.json, "result file")
+    meta = read_model_config(resolve_weights_dir(args.ckpt))
     if meta.get("model") != "mage":
         raise UserError(f"{args.ckpt} holds a '{meta.get('model')}' model: fine-tuning needs a MAGE checkpoint")
     overrides = [f"model.pretrained={args.ckpt}", f"data.path={args.data}", f"data.split={args.split}",
@@ -235,12 +248,13 @@ def _finetune(args) -> int:
 
 
 def _fid(args) -> int:
+    default = (Path(args.input1) / "eval" / "fid.json" if is_checkpoint(args.input1) else
+               Path("runs") / "eval" / f"fid-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    json_path = prepare_file(args.json or default, "result file")
     r = evaluate_fid(args.input1, args.input2, extractor=args.extractor, inception_weights=args.inception_weights,
                      metrics=args.metrics, image_size=args.image_size, limit=args.limit, num_gen=args.num_gen,
                      seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir, device=args.device,
                      sampler_options=sampler_options_from_args(args))
-    json_path = args.json or (Path(args.input1) / "eval" / "fid.json" if is_checkpoint(args.input1) else
-                              Path("runs") / "eval" / f"fid-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     names = {"inception": "Inception-V3 (standard FID)", "lite0": "EfficientNet-Lite0 (FD-lite0, not FID)"}
     rows = [(k, v) for k, v in r.items() if isinstance(v, float)]
     rows += [("extractor", names[r["extractor"]]), ("images", f"{r['num1']} vs {r['num2']}")]

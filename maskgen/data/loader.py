@@ -23,7 +23,7 @@ log = logging.getLogger("maskgen")
 
 class AugmentedImages(Dataset):
     """`dataset[(epoch, index)]` → {"image": [3,S,S] in [0,1], "label": int, "index": int} (plus "image2", a
-    second independent augmentation, when views=2) or {"bad": name, "reason": str}."""
+    second independent augmentation, when views=2) or {"bad": name, "reason": str, "index": int}."""
 
     def __init__(self, source, transform, seed: int, views: int = 1):
         self.source, self.transform, self.seed, self.views = source, transform, seed, views
@@ -37,7 +37,7 @@ class AugmentedImages(Dataset):
         try:
             img = sample.data if not isinstance(sample.data, bytes) else decode_image(sample.data)
         except BadImage as e:
-            return {"bad": sample.name, "reason": str(e)}
+            return {"bad": sample.name, "reason": str(e), "index": index}
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
         item = {"image": self.transform(img, g), "label": sample.label, "index": index}
         if self.views == 2:
@@ -53,9 +53,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def collate(items: list[dict]) -> dict:
     """Stack the fields of good samples ("image" or "tokens", "label", ...); bad ones are dropped and
-    reported under "skipped" as (name, reason). A batch whose samples were all bad has only "skipped"."""
+    reported under "skipped" as (index, name, reason). A batch whose samples were all bad has only "skipped"."""
     good = [it for it in items if "bad" not in it]
-    batch = {"skipped": [(it["bad"], it["reason"]) for it in items if "bad" in it]}
+    batch = {"skipped": [(it["index"], it["bad"], it["reason"]) for it in items if "bad" in it]}
     for key in (good[0] if good else {}):
         values = [it[key] for it in good]
         batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values)
@@ -72,7 +72,8 @@ def subset(n: int, limit: int) -> list[int]:
 
 
 class ResumableLoader:
-    """Infinite iterator over batches; `state_dict()` is the position of the next batch."""
+    """Infinite iterator over batches; `state_dict()` is the position of the next batch and the unreadable images
+    met so far."""
 
     def __init__(self, dataset: AugmentedImages, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, limit: int = 0):
@@ -86,13 +87,20 @@ class ResumableLoader:
             raise UserError(f"the data has {self.num_samples} images, fewer than one global batch of {global_batch} "
                             f"(train.batch_size={batch_size} x {world_size} processes): lower train.batch_size")
         self.epoch, self.batch = 0, 0
-        self.skipped = 0
+        self.bad: set[int] = set()  # source indices of the unreadable images met so far
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct images were unreadable (each counted once, however many epochs visit it)."""
+        return len(self.bad)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "skipped": self.skipped}
+        return {"epoch": self.epoch, "batch": self.batch, "bad_indices": sorted(self.bad)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch, self.skipped = int(state["epoch"]), int(state["batch"]), int(state.get("skipped", 0))
+        """Restore a `state_dict()`; older states, which only counted visits ("skipped"), start an empty set."""
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.bad = {int(i) for i in state.get("bad_indices", ())}
 
     def epoch_keys(self, epoch: int) -> list[list[tuple[int, int]]]:
         """This rank's batches of (epoch, index) keys for `epoch`."""
@@ -103,16 +111,17 @@ class ResumableLoader:
                 for k in range(self.batches_per_epoch)]
 
     def epoch_batches(self, epoch: int, start: int = 0):
-        """This rank's collated batches of `epoch`, from batch number `start` on; unreadable images are counted
-        and logged."""
+        """This rank's collated batches of `epoch`, from batch number `start` on; an unreadable image is counted
+        and logged the first time it is met."""
         keys = self.epoch_keys(epoch)[start:]
         loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, collate_fn=collate,
                             worker_init_fn=_ignore_stop_signals, persistent_workers=False,
                             prefetch_factor=4 if self.num_workers else None)
         for batch in loader:
-            for name, reason in batch["skipped"]:
-                self.skipped += 1
-                log.warning("skipped unreadable image %s (%s) [%d skipped so far]", name, reason, self.skipped)
+            for index, name, reason in batch["skipped"]:
+                if index not in self.bad:
+                    self.bad.add(index)
+                    log.warning("skipped unreadable image %s (%s) [%d skipped so far]", name, reason, self.skipped)
             yield batch
 
     def __iter__(self):

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.pretrained import from_pretrained, model_config_dict
+from ..outputs import atomic_write, check_free_space, prepare_file
 from ..progress import progress_bar
 from ..seeding import mix_seed
 from .decode import BadImage, decode_image
@@ -112,6 +113,8 @@ def write_token_cache(tokenizer: nn.Module, source, out: str | os.PathLike, view
     source_index = torch.empty(n, dtype=torch.int64)
     images_per_chunk = max(1, batch_size // (2 * views))
     rows, skipped = 0, 0
+    out = prepare_file(out, "token cache")
+    check_free_space(out.parent, tokens.numel() * tokens.element_size() + 16 * n + 65536, "the token cache")
     with torch.no_grad(), progress_bar(total=n, unit="img", desc="cache-tokens", enabled=progress) as bar:
         for start in range(0, n, images_per_chunk):
             chunk, chunk_labels, chunk_index = [], [], []
@@ -151,15 +154,9 @@ def write_token_cache(tokenizer: nn.Module, source, out: str | os.PathLike, view
         "grid_h": str(grid), "grid_w": str(grid), "views": str(views), "skipped": str(skipped),
         "source": getattr(source, "description", type(source).__name__),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_write(out) as tmp:
         save_file({"tokens": tokens[:rows], "labels": labels[:rows], "source_index": source_index[:rows]},
                   str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -271,6 +268,7 @@ def cache_tokens(tokenizer_dir: str | os.PathLike, data: str, out: str | os.Path
                  batch_size: int = 64, seed: int = 0, device: str = "cpu", progress: bool = True) -> Path:
     """`maskgen cache-tokens`: load the tokenizer saved in `tokenizer_dir` (weights, checkpoint or run directory),
     open `data` (folder, shards, 'cifar10', ...) at `split`, and write the token cache to `out`."""
+    prepare_file(out, "token cache")
     tokenizer = from_pretrained(tokenizer_dir, device=device)
     source = open_source(str(data), split)
     return write_token_cache(tokenizer, source, out, views, image_size, crop_scale, interpolation, batch_size,

@@ -8,8 +8,8 @@
         train_config.yaml                the resolved training config
 
 A checkpoint is written into `step_N.tmp` and renamed to `step_N` once complete (rename is atomic), so a
-crash or SIGKILL mid-write leaves the previous checkpoints intact; stale `.tmp` folders are ignored and
-removed by the next save.
+crash or SIGKILL mid-write leaves the previous checkpoints intact; a failed write (a full disk) removes its
+`.tmp` folder, and stale ones (after a SIGKILL) are ignored and removed by the next save.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..models.pretrained import save_pretrained
-from ..weights import (EMA_FILE, STATE_FILE, TRAIN_CONFIG_FILE, TRAINER_FILE, WEIGHTS_FILE, safe_torch_load,
-                       step_dirs)
+from ..errors import UserError
+from ..weights import (EMA_FILE, STATE_FILE, TRAIN_CONFIG_FILE, TRAINER_FILE, WEIGHTS_FILE, read_safetensors,
+                       safe_torch_load, step_dirs)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -49,11 +49,15 @@ def save_checkpoint(root: str | os.PathLike, step: int, release_model: torch.nn.
     tmp = root / f"step_{step:08d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_pretrained(release_model, tmp, ema_state=ema_state)
-    torch.save(training_state, tmp / STATE_FILE)
-    (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
-    (tmp / TRAIN_CONFIG_FILE).write_text(config_yaml)
-    _fsync_tree(tmp)
+    try:
+        save_pretrained(release_model, tmp, ema_state=ema_state)
+        torch.save(training_state, tmp / STATE_FILE)
+        (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        (tmp / TRAIN_CONFIG_FILE).write_text(config_yaml)
+        _fsync_tree(tmp)
+    except BaseException:  # a full disk, a kill...: leave no partial folder (the older checkpoints are intact)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving the same step (e.g. a resumed run that stops where it resumed)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -67,9 +71,13 @@ def save_checkpoint(root: str | os.PathLike, step: int, release_model: torch.nn.
 def load_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict, dict | None]:
     """(release-model state, training state, trainer state, EMA state or None) of a checkpoint directory."""
     directory = Path(directory)
-    model_state = load_file(str(directory / WEIGHTS_FILE))
+    model_state = read_safetensors(directory / WEIGHTS_FILE)
     training_state = safe_torch_load(directory / STATE_FILE)
-    trainer_state = json.loads((directory / TRAINER_FILE).read_text())
+    try:
+        trainer_state = json.loads((directory / TRAINER_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{directory / TRAINER_FILE} is not a maskgen trainer state ({type(e).__name__}: "
+                        f"{e})") from None
     ema_path = directory / EMA_FILE
-    ema_state = load_file(str(ema_path)) if ema_path.is_file() else None
+    ema_state = read_safetensors(ema_path) if ema_path.is_file() else None
     return model_state, training_state, trainer_state, ema_state

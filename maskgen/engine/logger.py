@@ -24,13 +24,16 @@ def setup_logging(rank: int = 0) -> None:
 class RunLogger:
     """Writes metrics of a run; on ranks other than 0 every call is a no-op."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+        """`resume_step`: the step the run starts from (0: a fresh start). Rows logged after it, by a run that was
+        killed before its next checkpoint (or by an earlier run that never saved one), are dropped, so that every
+        step is logged once."""
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if not enabled:
             return
-        if resume_step is not None and self.path.is_file():
+        if self.path.is_file():
             self._truncate_after(resume_step)
         if tensorboard:
             try:
@@ -49,7 +52,9 @@ class RunLogger:
                     keep.append(line)
             except json.JSONDecodeError:  # a line cut by a crash
                 pass
-        self.path.write_text("".join(l + "\n" for l in keep))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        tmp.replace(self.path)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

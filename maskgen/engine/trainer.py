@@ -2,7 +2,9 @@
 
 `train(cfg, run_dir, resume)` builds the data, the method and the optimizer, resumes if asked, and runs
 optimizer steps until `train.epochs` (or `train.max_steps`) is reached, saving checkpoints every
-`train.save_every` steps, at the end, and when SIGTERM / SIGINT asks it to stop.
+`train.save_every` steps, at the end, and when SIGTERM / SIGINT asks it to stop. One training at a time writes a
+run directory (`RunDirLock`); a run whose loss or weights stop being finite stops with a RunError and keeps its last
+good checkpoint.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import distributed as dist
 from ..config import Config, config_to_yaml
 from ..data.loader import ResumableLoader
-from ..errors import UserError
+from ..errors import MaskgenError, RunError, UserError, is_disk_full, os_error_message
+from ..outputs import check_free_space, prepare_dir
 from ..progress import progress_bar
 from ..registry import METHODS
 from ..seeding import mix_seed
@@ -32,6 +35,7 @@ from .logger import RunLogger, setup_logging
 from .method import HookContext
 from .optim import build_optimizer, effective_lr, lr_at, set_lr
 from .precision import autocast, resolve_precision
+from .run_lock import RunDirLock
 
 log = logging.getLogger("maskgen")
 
@@ -51,9 +55,31 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     try:
         # every rank uses rank 0's choice (timings differ between processes); config.yaml records it
         cfg.train.precision = dist.broadcast_object(resolve_precision(cfg.train.precision, device))
-        return Trainer(cfg, device, run_dir, resume).run()
+        run_dir = Path(dist.broadcast_object(str(run_dir or default_run_dir(cfg.method))))
+        with _hold_run_dir(run_dir, rank == 0):
+            return Trainer(cfg, device, run_dir, resume).run()
     finally:
         dist.cleanup()
+
+
+@contextlib.contextmanager
+def _hold_run_dir(run_dir: Path, main: bool):
+    """Rank 0 checks that the run directory can be written and locks it for the run; every rank raises the same
+    RunError / UserError when it cannot."""
+    lock, error = RunDirLock(run_dir), None
+    if main:
+        try:
+            prepare_dir(run_dir, "run directory")
+            lock.acquire()
+        except MaskgenError as e:
+            error = (type(e), str(e))
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise error[0](error[1])
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class _StopFlag:
@@ -90,7 +116,7 @@ class Trainer:
         self.main = self.rank == 0
         tc = cfg.train
 
-        self.run_dir = Path(dist.broadcast_object(str(run_dir or default_run_dir(cfg.method))))
+        self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         resume_from = self._find_resume(resume)
 
@@ -112,9 +138,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.method, cfg.optim, self.base_lr)
         self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
         self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
-        self.step = 0
+        self.step, self.skipped_steps = 0, 0
         if resume_from is not None:
             self._load(resume_from)
+        if self.main:
+            check_free_space(self.ckpt_root, self._checkpoint_bytes(), "a checkpoint")
 
         self.ddp = self.method
         if self.world > 1:
@@ -127,8 +155,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config(resumed=resume_from is not None)
         dist.barrier()
-        self.logger = RunLogger(self.run_dir, self.main, cfg.log.tensorboard,
-                                resume_step=self.step if resume_from is not None else None)
+        self.logger = RunLogger(self.run_dir, self.main, cfg.log.tensorboard, resume_step=self.step)
         self.preview = None
 
     # ------------------------------------------------------------------------------ set-up helpers
@@ -150,15 +177,24 @@ class Trainer:
         return found
 
     def _load(self, directory: Path) -> None:
-        model_state, state, trainer, ema_state = load_checkpoint(directory)
+        """Restore the checkpoint `directory`; one that another method, model or config wrote is a UserError."""
+        try:
+            self._restore(*load_checkpoint(directory))
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()] or [type(e).__name__]
+            detail = (lines[1] if lines[0].startswith("Error(s) in loading") and len(lines) > 1 else lines[0])[:200]
+            raise UserError(f"cannot resume from {directory}: it was not written by this method and config "
+                            f"({detail})") from None
+        log.info("resumed from %s (step %d)", directory, self.step)
+
+    def _restore(self, model_state: dict, state: dict, trainer: dict, ema_state: dict | None) -> None:
         self.model.load_state_dict(model_state)
         extra = state.get("method_extra", {})
         if extra:
             missing, unexpected = self.method.load_state_dict({**self._release_prefixed(model_state), **extra},
                                                               strict=False)
             if missing or unexpected:
-                raise UserError(f"checkpoint {directory} does not match this method: missing {missing[:3]}, "
-                                f"unexpected {unexpected[:3]}")
+                raise KeyError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -168,6 +204,7 @@ class Trainer:
             else:
                 self.ema.load_state_dict(ema_state)
         self.step = int(trainer["step"])
+        self.skipped_steps = int(trainer.get("skipped_steps", 0))
         loader_state = dict(trainer["loader"])
         old_global = int(trainer["global_batch"])
         new_global = self.cfg.train.batch_size * self.world
@@ -176,7 +213,6 @@ class Trainer:
                         "run is no longer bit-identical to an uninterrupted one", new_global, old_global)
             loader_state["batch"] = loader_state["batch"] * old_global // new_global
         self.loader.load_state_dict(loader_state)
-        log.info("resumed from %s (step %d)", directory, self.step)
 
     def _release_prefixed(self, release_state: dict) -> dict:
         prefix = next(name for name, mod in self.method.named_modules() if mod is self.model)
@@ -218,9 +254,11 @@ class Trainer:
             while self.step < self.stop_step:
                 logs, images, ok = self._train_step(batches)
                 bad_steps = 0 if ok else bad_steps + 1
+                self.skipped_steps += not ok
                 if bad_steps >= MAX_BAD_STEPS:
-                    raise UserError(f"{MAX_BAD_STEPS} consecutive steps had a non-finite loss or gradient; last good "
-                                    f"checkpoint: {latest_checkpoint(self.ckpt_root)}. Lower the lr or use fp32.")
+                    raise RunError(f"training diverged: steps {self.step - bad_steps + 1}-{self.step} all had a "
+                                   f"non-finite loss or gradient; {self._last_good()}. Lower the learning rate, "
+                                   f"or use train.precision=fp32.")
                 for k, v in logs.items():
                     window[k] = window.get(k, 0.0) + v
                 window_images += images
@@ -232,6 +270,7 @@ class Trainer:
                     metrics["img_per_s"] = window_images * self.world / max(elapsed, 1e-9)
                     metrics["epoch"] = self.step / self.steps_per_epoch
                     metrics["wall_time"] = time.time()  # Unix seconds: elapsed time across resumes
+                    metrics["skipped_steps"] = self.skipped_steps  # updates skipped for a non-finite loss, in total
                     self.logger.log(self.step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                     img_s=f"{metrics['img_per_s']:.0f}", refresh=False)
@@ -240,7 +279,10 @@ class Trainer:
                     self._run_hooks()
                 stopped_by = stop.signal if dist.any_rank(stop.signal is not None, self.device) else None
                 if stopped_by or self.step % cfg.train.save_every == 0 or self.step == self.stop_step:
-                    self._save()
+                    if bad_steps:  # the weights just gave a non-finite loss: do not save them as good
+                        self._withhold_checkpoint(bad_steps, final=bool(stopped_by) or self.step == self.stop_step)
+                    else:
+                        self._save()
                 if stopped_by:
                     break
         bar.close()
@@ -255,14 +297,14 @@ class Trainer:
                 log.info("done: %d steps; weights in %s", self.step, latest_checkpoint(self.ckpt_root))
             if self.loader.skipped:
                 log.warning("%d unreadable images were skipped in total", self.loader.skipped)
+            if self.skipped_steps:
+                log.warning("%d updates were skipped for a non-finite loss or gradient", self.skipped_steps)
         return self.run_dir
 
     def _next_batch(self, batches) -> dict:
         for _ in range(1000):
             batch = next(batches)
             if "label" in batch:  # at least one readable sample
-                if self.preview is None and "image" in batch:
-                    self.preview = batch["image"][:PREVIEW_IMAGES].clone()
                 return batch
         raise UserError("1000 consecutive batches held no readable image: check data.path")
 
@@ -322,11 +364,20 @@ class Trainer:
         values = dist.all_reduce_mean(values)
         return dict(zip(keys, values.tolist()))
 
+    def _preview_images(self) -> torch.Tensor | None:
+        """The hooks' fixed images [n, 3, S, S]: the first readable ones of the data as epoch 0 augments them,
+        the same whether or not the run was interrupted (None for data without images, e.g. a token cache)."""
+        if self.preview is None:
+            items = (self.loader.dataset[(0, i)] for i in self.loader.indices[:4 * PREVIEW_IMAGES])
+            images = [it["image"] for it in items if "image" in it][:PREVIEW_IMAGES]
+            self.preview = torch.stack(images) if images else None
+        return self.preview
+
     def _run_hooks(self) -> None:
         hooks = self.method.hooks()
         if self.main and hooks:
             self.method.eval()
-            ctx = HookContext(step=self.step, run_dir=self.run_dir, device=self.device, images=self.preview,
+            ctx = HookContext(step=self.step, run_dir=self.run_dir, device=self.device, images=self._preview_images(),
                               num_images=self.cfg.vis.num_images, sampler_options=dict(self.cfg.vis.sampler),
                               log=lambda m: self.logger.log(self.step, m),
                               log_image=lambda tag, img: self.logger.image(tag, img, self.step))
@@ -335,21 +386,65 @@ class Trainer:
                     hook(self.method, ctx)
         dist.barrier()
 
+    def _checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: the weights (and EMA), the method's other tensors and the optimizer's
+        two AdamW moments of every trainable parameter."""
+        weights = sum(t.numel() * t.element_size() for t in self.method.state_dict().values())
+        moments = sum(2 * p.numel() * 4 for p in self.method.parameters() if p.requires_grad)
+        ema = sum(t.numel() * t.element_size() for t in self.model.state_dict().values()) if self.ema else 0
+        return weights + moments + ema
+
+    def _last_good(self) -> str:
+        last = latest_checkpoint(self.ckpt_root)
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
+
+    def _withhold_checkpoint(self, bad_steps: int, final: bool) -> None:
+        """A checkpoint is due but the last `bad_steps` steps had a non-finite loss: skip it, or, when the run
+        ends here, stop with a RunError instead of reporting 'done'."""
+        steps = f"step {self.step}" if bad_steps == 1 else f"steps {self.step - bad_steps + 1}-{self.step}"
+        if final:
+            raise RunError(f"training diverged: the loss or gradient of {steps} was not finite, so the weights are "
+                           f"not saved; {self._last_good()}. Lower the learning rate, or use train.precision=fp32.")
+        log.warning("step %d: checkpoint skipped, the loss or gradient of %s was not finite", self.step, steps)
+
     def _save(self) -> None:
+        """Rank 0 writes the checkpoint; a failure (disk full, read-only, weights no longer finite) is raised as the
+        same RunError on every rank, and leaves the previous checkpoints intact."""
+        error = None
         if self.main:
-            ema_state = None
-            if self.ema is not None:
-                ema_state = {k: self.ema.shadow[k].to(v.dtype) if k in self.ema.shadow else v
-                             for k, v in self.model.state_dict().items()}
-            save_checkpoint(
-                self.ckpt_root, self.step, self.model,
-                training_state={"optimizer": self.optimizer.state_dict(),
-                                "scaler": self.scaler.state_dict() if self.scaler else {},
-                                "method_extra": self._method_extra_state()},
-                trainer_state={"step": self.step, "loader": self.loader.state_dict(), "seed": self.cfg.train.seed,
-                               "world_size": self.world, "global_batch": self.cfg.train.batch_size * self.world},
-                config_yaml=self.config_yaml, ema_state=ema_state, keep_last=self.cfg.train.keep_last)
-        dist.barrier()
+            try:
+                self._write_checkpoint()
+            except RunError as e:
+                error = str(e)
+            except Exception as e:
+                if not (isinstance(e, OSError) or is_disk_full(e)):
+                    raise
+                reason = "no space left on device" if is_disk_full(e) else os_error_message(e)
+                error = (f"could not save the checkpoint of step {self.step} in {self.ckpt_root} ({reason}); "
+                         f"{self._last_good()}: resume from it with --resume auto once the cause is fixed")
+        error = dist.broadcast_object(error)
+        if error is not None:
+            raise RunError(error)
+
+    def _write_checkpoint(self) -> None:
+        bad = [n for n, t in self.model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+        if bad:
+            raise RunError(f"training diverged: at step {self.step} the weights are no longer finite ({bad[0]}"
+                           f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); nothing was saved and "
+                           f"{self._last_good()}. Lower the learning rate, or use train.precision=fp32.")
+        ema_state = None
+        if self.ema is not None:
+            ema_state = {k: self.ema.shadow[k].to(v.dtype) if k in self.ema.shadow else v
+                         for k, v in self.model.state_dict().items()}
+        save_checkpoint(
+            self.ckpt_root, self.step, self.model,
+            training_state={"optimizer": self.optimizer.state_dict(),
+                            "scaler": self.scaler.state_dict() if self.scaler else {},
+                            "method_extra": self._method_extra_state()},
+            trainer_state={"step": self.step, "loader": self.loader.state_dict(), "seed": self.cfg.train.seed,
+                           "world_size": self.world, "global_batch": self.cfg.train.batch_size * self.world,
+                           "skipped_steps": self.skipped_steps},
+            config_yaml=self.config_yaml, ema_state=ema_state, keep_last=self.cfg.train.keep_last)
 
 
 def default_run_dir(method: str) -> Path:

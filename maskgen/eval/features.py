@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,8 +25,11 @@ from ..data.sources import open_source
 from ..data.transforms import EvalTransform
 from ..errors import UserError
 from ..models import from_pretrained
+from ..outputs import atomic_write, prepare_dir, prepare_file
 from ..progress import progress_bar
 from ..weights import TRAIN_CONFIG_FILE, WEIGHTS_FILE, resolve_weights_dir
+
+log = logging.getLogger("maskgen")
 
 
 def load_encoder(ckpt: str | os.PathLike, device: str = "cpu") -> nn.Module:
@@ -57,13 +62,23 @@ def model_image_size(model: nn.Module, image_size: int | None) -> int:
     return image_size
 
 
-@torch.no_grad()
 def compute_features(model: nn.Module, data: str, split: str, *, pool: str = "mean", image_size: int | None = None,
                      batch_size: int = 64, limit: int = 0, device: str = "cpu",
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of the images of `data` (a folder, shards, 'cifar10' or 'mnist5k'; `split` for named sets):
     (features float32 [N, D], labels int64 [N], -1 = unlabeled). `limit` > 0 takes the same fixed random subset
-    as `data.limit` in training (every class of a class-sorted source); unreadable images are skipped."""
+    as `data.limit` in training (every class of a class-sorted source); unreadable images are skipped, and their
+    number logged."""
+    feats, labels, _ = _features(model, data, split, pool=pool, image_size=image_size, batch_size=batch_size,
+                                 limit=limit, device=device, progress=progress)
+    return feats, labels
+
+
+@torch.no_grad()
+def _features(model: nn.Module, data: str, split: str, *, pool: str = "mean", image_size: int | None = None,
+              batch_size: int = 64, limit: int = 0, device: str = "cpu",
+              progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`compute_features` and the number of unreadable images it skipped."""
     if pool not in ("mean", "cls"):
         raise UserError(f"pool must be 'mean' or 'cls', got {pool!r}")
     if batch_size < 1:
@@ -72,6 +87,7 @@ def compute_features(model: nn.Module, data: str, split: str, *, pool: str = "me
     source = open_source(data, split)
     model.eval()
     feats, labels, batch, batch_labels = [], [], [], []
+    skipped = 0
 
     def flush():
         if batch:
@@ -89,6 +105,7 @@ def compute_features(model: nn.Module, data: str, split: str, *, pool: str = "me
         try:
             img = s.data if not isinstance(s.data, bytes) else decode_image(s.data)
         except BadImage:
+            skipped += 1
             continue
         batch.append(transform(img))
         batch_labels.append(s.label)
@@ -96,22 +113,29 @@ def compute_features(model: nn.Module, data: str, split: str, *, pool: str = "me
             flush()
     flush()
     if not feats:
-        raise UserError(f"no readable image in {data}")
-    return torch.cat(feats).contiguous(), torch.tensor(labels, dtype=torch.long)
+        raise UserError(f"no readable image in {data} ({skipped} unreadable)")
+    _warn_skipped(skipped, data)
+    return torch.cat(feats).contiguous(), torch.tensor(labels, dtype=torch.long), skipped
+
+
+def _warn_skipped(skipped: int, data: str) -> None:
+    if skipped:
+        log.warning("%s: %d unreadable images were skipped", data, skipped)
 
 
 def extract_features(ckpt: str | os.PathLike, data: str, out: str | os.PathLike, split: str = "train",
                      pool: str = "mean", image_size: int | None = None, batch_size: int = 64, limit: int = 0,
                      device: str = "cpu", progress: bool = True) -> Path:
     """`maskgen features`: features of every image of `data` (see `compute_features`) into a safetensors file
-    with `features` float32 [N, D] and `labels` int64 [N] (-1 = unlabeled)."""
+    with `features` float32 [N, D] and `labels` int64 [N] (-1 = unlabeled); its metadata holds the number of
+    unreadable images skipped."""
+    out = prepare_file(out, "features file")
     model = load_encoder(ckpt, device)
-    feats, labels = compute_features(model, data, split, pool=pool, image_size=image_size, batch_size=batch_size,
-                                     limit=limit, device=device, progress=progress)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats, "labels": labels}, str(out),
-              metadata={"ckpt": str(ckpt), "data": str(data), "split": split, "pool": pool})
+    feats, labels, skipped = _features(model, data, split, pool=pool, image_size=image_size, batch_size=batch_size,
+                                       limit=limit, device=device, progress=progress)
+    with atomic_write(out) as tmp:
+        save_file({"features": feats, "labels": labels}, str(tmp), metadata={
+            "ckpt": str(ckpt), "data": str(data), "split": split, "pool": pool, "skipped": str(skipped)})
     return out
 
 
@@ -128,7 +152,8 @@ def cached_features(ckpt: str | os.PathLike, model: nn.Module, data: str, split:
                     **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """`compute_features(model, data, split, **kwargs)`, read from / written to
     `cache_dir/features-<hash>.safetensors` when `cache_dir` is given. The hash covers the checkpoint, data,
-    split, pool, image size and limit, so a changed checkpoint or setting is recomputed, never reused."""
+    split, pool, image size and limit, so a changed checkpoint or setting is recomputed, never reused. The
+    number of unreadable images skipped is kept in the file's metadata and logged again when it is reused."""
     if not cache_dir:
         return compute_features(model, data, split, **kwargs)
     data_id = str(Path(data).resolve()) if Path(data).exists() else data
@@ -136,14 +161,16 @@ def cached_features(ckpt: str | os.PathLike, model: nn.Module, data: str, split:
                      image_size=model_image_size(model, kwargs.get("image_size")), limit=kwargs.get("limit", 0))
     path = Path(cache_dir) / f"features-{key}.safetensors"
     if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            _warn_skipped(int((f.metadata() or {}).get("skipped", 0)), data)
         t = load_file(str(path))
         return t["features"], t["labels"]
-    x, y = compute_features(model, data, split, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"features": x, "labels": y}, str(tmp), metadata={"ckpt": str(ckpt), "data": data_id, "split": split,
-                                                              "pool": kwargs.get("pool", "mean")})
-    tmp.replace(path)
+    prepare_dir(cache_dir, "feature cache")
+    x, y, skipped = _features(model, data, split, **kwargs)
+    with atomic_write(path) as tmp:
+        save_file({"features": x, "labels": y}, str(tmp), metadata={
+            "ckpt": str(ckpt), "data": data_id, "split": split, "pool": kwargs.get("pool", "mean"),
+            "skipped": str(skipped)})
     return x, y
 
 

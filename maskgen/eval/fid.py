@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..models.efficientnet_lite0 import efficientnet_lite0, pooled_features
+from ..outputs import atomic_write, prepare_file
 from ..progress import progress_bar
 from ..weights import safe_torch_load
 from .frechet import frechet_distance_features
@@ -128,10 +129,8 @@ def set_features(image_set, extractor, batch_size: int, cache_dir: Path | None,
     if len(out[0]) < 2:
         raise UserError(f"{image_set.name} has {len(out[0])} image: statistics need at least 2")
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        save_file({"features": out[0].contiguous(), "logits": out[1].contiguous()}, str(tmp))
-        tmp.replace(cache)
+        with atomic_write(prepare_file(cache, "feature cache")) as tmp:
+            save_file({"features": out[0].contiguous(), "logits": out[1].contiguous()}, str(tmp))
     return out
 
 

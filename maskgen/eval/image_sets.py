@@ -45,7 +45,8 @@ def _fit(img: Image.Image, size: int | None, target: tuple[int, int] | None) -> 
 
 
 class SourceImages:
-    """Images of a `maskgen.data.sources` source (folder, shards, named dataset), labels ignored."""
+    """Images of a `maskgen.data.sources` source (folder, shards, named dataset), labels ignored. `skipped`: how
+    many unreadable images the last `batches()` pass left out."""
 
     def __init__(self, spec: str, image_size: int | None = None, limit: int = 0):
         named = parse_named(spec)
@@ -56,17 +57,20 @@ class SourceImages:
         self.indices = subset(len(self.source), limit)
         self.name, self.image_size, self.limit = spec, image_size, limit
         self.cache_id = f"{named[0]}-{named[1]}" if named else None
+        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         target, batch, resized = None, [], 0
+        self.skipped = 0
         for i in self.indices:
             s = self.source[i]
             try:
                 img = s.data if not isinstance(s.data, bytes) else decode_image(s.data)
             except BadImage as e:
+                self.skipped += 1
                 log.warning("skipped unreadable image %s (%s)", s.name, e)
                 continue
             target = target or (None if self.image_size else img.size)
@@ -78,6 +82,8 @@ class SourceImages:
                 batch = []
         if batch:
             yield torch.stack(batch)
+        if self.skipped:
+            log.warning("%s: %d unreadable images were skipped", self.name, self.skipped)
         if resized:
             log.warning("%s: %d images differ in size from the first one and were resized to %dx%d (use --image-size "
                         "to resize every image the same way)", self.name, resized, *target)

@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from ..outputs import atomic_write, prepare_file
+
 
 def format_table(title: str, rows: list[tuple[str, object]]) -> str:
     """A two-column text table: `title`, then `name  value` lines (floats with 4 significant decimals)."""
@@ -17,9 +19,7 @@ def format_table(title: str, rows: list[tuple[str, object]]) -> str:
 
 def write_json(path: str | os.PathLike, result: dict) -> Path:
     """Write `result` (plain types) to `path` atomically, creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    path = prepare_file(path, "result file")
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     return path

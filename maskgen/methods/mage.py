@@ -125,6 +125,9 @@ class MAGEMethod(Method):
     def __init__(self, cfg):
         super().__init__()
         o = self.objective = cfg.objective
+        if cfg.data.image_size != cfg.model.image_size:
+            raise ConfigError(f"data.image_size {cfg.data.image_size} differs from model.image_size "
+                              f"{cfg.model.image_size}: MAGE reads images of the size its token grid was built for")
         self.mage = MAGE(cfg.model)
         self.masking = MAGEMasking(o, cfg.model.token_grid ** 2)
         if not o.tokenizer:

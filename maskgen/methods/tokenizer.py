@@ -107,6 +107,10 @@ class TokenizerMethod(Method):
 
     @classmethod
     def from_config(cls, cfg) -> "TokenizerMethod":
+        f = cfg.model.downsample_factor
+        if cfg.data.image_size % f:
+            raise ConfigError(f"data.image_size {cfg.data.image_size} is not a multiple of the tokenizer's "
+                              f"downsampling factor {f} (2^(len(model.ch_mult) - 1))")
         return cls(cfg.model, cfg.objective, cfg.data.image_size)
 
     def __init__(self, model_cfg: VQGANConfig, loss_cfg: TokenizerObjective, image_size: int = 256):

@@ -175,6 +175,10 @@ class MAGE(FrozenTokenizerMixin, nn.Module):
     # ------------------------------------------------------------------------------------ tokenizer
     def check_tokenizer(self, tok: nn.Module) -> None:
         """The tokenizer's codebook size and token grid must fit the config (see FrozenTokenizerMixin)."""
+        if not all(callable(getattr(tok, m, None)) for m in ("encode", "decode")):
+            raise UserError(f"the tokenizer given is a '{getattr(tok, 'model_name', type(tok).__name__)}' model, "
+                            f"not a tokenizer (it has no encode/decode): pass a folder from `maskgen train "
+                            f"tokenizer` or `maskgen convert vqgan`")
         tcfg = getattr(tok, "config", None)
         k = getattr(tcfg, "codebook_size", None)
         if k is not None and k != self.config.codebook_size:

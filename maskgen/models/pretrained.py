@@ -60,14 +60,31 @@ def build_from_config(meta: dict, where: str | os.PathLike = "config.json") -> n
 def from_pretrained(path: str | os.PathLike, ema: bool = False, device: str | torch.device = "cpu") -> nn.Module:
     """The model saved in `path` (a weights, checkpoint or run directory), in eval mode.
 
-    `ema=True` loads the EMA weights where the checkpoint has them."""
-    directory = resolve_weights_dir(path)
+    `ema=True` loads the EMA weights where the checkpoint has them. A run directory resolves to its latest
+    checkpoint; when a training run prunes that checkpoint while it is being read (`train.keep_last`), the next
+    latest is read instead."""
+    for attempt in range(5):
+        directory = resolve_weights_dir(path)
+        try:
+            model = _load(directory, ema)
+            break
+        except UserError:  # retried only when a newer checkpoint replaced the one being read
+            if Path(path) == directory or attempt == 4 or resolve_weights_dir(path) == directory:
+                raise
+    return model.to(device).eval()
+
+
+def _load(directory: Path, ema: bool) -> nn.Module:
     meta, state = read_weights(directory, ema=ema)
     model = build_from_config(meta, directory / "config.json")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ from config.json
+        detail = str(e).strip().splitlines()
+        raise UserError(f"{directory}: the weights do not fit its config.json ({detail[-1].strip()[:200]})") from None
     if missing or unexpected:
         raise UserError(f"{directory} does not match model '{model.model_name}': missing {missing[:5]}, "
                         f"unexpected {unexpected[:5]}")
     if hasattr(model, "load_attachments"):
         model.load_attachments(directory)
-    return model.to(device).eval()
+    return model

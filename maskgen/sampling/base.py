@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError, UserError
-from ..options import Options, parse_value
+from ..options import Options, flag_type, parse_value
 from ..registry import SAMPLERS
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -153,19 +153,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                 group = parser.add_argument_group(f"{name} sampler options")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             group.add_argument(flag, dest=FLAG_PREFIX + f.name, default=None, metavar=f.name.upper(),
-                               type=_flag_type(hints[f.name], flag),
+                               type=flag_type(hints[f.name], flag, **f.metadata),
                                help=f"{f.metadata.get('help', '')} (default: {default})".lstrip())
-
-
-def _flag_type(tp, flag: str):
-    def convert(raw: str):
-        try:
-            return parse_value(tp, raw, flag)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    convert.__name__ = getattr(tp, "__name__", str(tp))
-    return convert
 
 
 def sampler_options_from_args(args: argparse.Namespace) -> dict[str, Any]:

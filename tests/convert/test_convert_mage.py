@@ -183,18 +183,40 @@ def test_converter_refuses_mismatches(tmp_path, change, message):
         convert_mage(tmp_path / "bad.pth", tmp_path / "out", **heads)
 
 
-def test_converter_refuses_pickle_payloads_and_accepts_bare_state_dicts(tmp_path):
+class _Payload:
+    """Unpickling this runs code: what a malicious checkpoint would hold."""
+
+    def __reduce__(self):
+        return (print, ("this must never be printed",))
+
+
+def test_converter_refuses_pickle_payloads_and_accepts_bare_state_dicts(tmp_path, capsys):
     sd = tiny_official_state_dict()
-    torch.save({"model": sd, "args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pth")
+    torch.save({"model": sd, "args": _Payload()}, tmp_path / "pickled.pth")
     with pytest.raises(UserError, match="refusing"):
         convert_mage(tmp_path / "pickled.pth", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and "never" not in capsys.readouterr().out
     torch.save(sd, tmp_path / "bare.pth")
     model = from_pretrained(convert_mage(tmp_path / "bare.pth", tmp_path / "out2", num_heads=2, decoder_num_heads=4))
     assert torch.equal(model.state_dict()["mlm_layer.bias"], sd["mlm_layer.bias"])
     with pytest.raises(UserError, match="not a MAGE checkpoint"):
         torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}}, tmp_path / "tok.pth")
         convert_mage(tmp_path / "tok.pth", tmp_path / "out3")
+
+
+def test_converter_reads_a_checkpoint_as_the_official_training_script_writes_it(tmp_path):
+    """main_pretrain.py saves {'model', 'optimizer', 'epoch', 'scaler', 'args'}: `args` is a pickled Namespace
+    (with numpy scalars in it where the arguments came from numpy), which safe loading allows, nothing else."""
+    import numpy as np
+
+    sd = tiny_official_state_dict()
+    args = argparse.Namespace(model="mage_vit_base_patch16", batch_size=64, blr=np.float64(1.5e-4),
+                              mask_ratio_min=0.5, epochs=np.int64(1600), norm_pix_loss=np.bool_(False))
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 1599, "scaler": {},
+                "args": args}, tmp_path / "official.pth")
+    model = from_pretrained(convert_mage(tmp_path / "official.pth", tmp_path / "out", num_heads=2,
+                                         decoder_num_heads=4))
+    assert torch.equal(model.state_dict()["mlm_layer.bias"], sd["mlm_layer.bias"])
 
 
 # ------------------------------------------------------------------------- the official ViT-B layout

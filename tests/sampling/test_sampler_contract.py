@@ -73,7 +73,8 @@ def test_a_new_sampler_generates_through_generated_batches(grey):
 @pytest.mark.parametrize("overrides, message", [
     ({"num_iter": 0}, "num_iter: 0 is below the minimum 1"),
     ({"num_iter": 2.5}, "num_iter: expected int"),
-    ({"temperature": math.nan}, "temperature: NaN"),
+    ({"temperature": math.nan}, "temperature: nan is not a valid value"),
+    ({"temperature": math.inf}, "temperature: inf is not a valid value"),
     ({"temperature": -1}, "temperature: -1.0 is below the minimum 0"),
     ({"choice_temperature": "-0.5"}, "choice_temperature: -0.5 is below the minimum 0"),
     ({"steps": 50}, "no option steps .*num_iter, choice_temperature, temperature"),
