@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # what BENCHMARKS.md cites: written only when --out names it
+
+
+def add_out_argument(ap, name: str) -> None:
+    """`--out PATH.json`, by default runs/benchmarks/NAME.json under the working directory (never the checkout's
+    tracked results: pass --out benchmarks/results/NAME.json to record a run for BENCHMARKS.md)."""
+    ap.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / f"{name}.json",
+                    help=f"result JSON (default runs/benchmarks/{name}.json)")
 
 
 def machine() -> str:
@@ -41,16 +48,16 @@ def timeit(fn, min_time: float = 3.0, warmup: int = 2, min_calls: int = 3) -> fl
     return times[len(times) // 2]
 
 
-def report(name: str, rows: list[dict], command: str) -> None:
-    """Print rows as a table and write them with the machine and command to results/NAME.json."""
+def report(out: str | os.PathLike, rows: list[dict], command: str) -> None:
+    """Print rows as a table and write them with the machine and command to the JSON file `out`."""
     cols = list(rows[0])
     widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
     print("-|-".join("-" * w for w in widths))
     for r in rows:
         print(" | ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{name}.json"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
                                "rows": rows}, indent=2) + "\n")
     print(f"\nmachine: {machine()}\nwrote {out}")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report, timeit  # noqa: E402
+from common import add_out_argument, report, timeit  # noqa: E402
 
 from maskgen.api import build_config  # noqa: E402
 from maskgen.engine.precision import autocast as autocast_for  # noqa: E402
@@ -257,16 +257,14 @@ def parse_args(argv=None):
                     help="tokenizer preset whose model config (codebook size set to the MAGE model's) is used "
                          "(default tokenizer-cifar10)")
     ap.add_argument("--matmul-size", type=int, default=0, help="fixed n of the matmul peak (default: auto)")
-    ap.add_argument("--out", default="", help="write the JSON here instead of benchmarks/results/mage_throughput.json")
+    add_out_argument(ap, "mage_throughput")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     rows = run(args)
-    # common.report writes RESULTS / f"{name}.json"; an absolute name (--out) replaces RESULTS.
-    name = str(Path(args.out).resolve().with_suffix("")) if args.out else "mage_throughput"
-    report(name, rows, "python benchmarks/mage_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    report(args.out, rows, "python benchmarks/mage_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

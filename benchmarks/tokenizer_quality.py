@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from common import report
+from common import add_out_argument, report
 from maskgen.data.decode import decode_image
 from maskgen.data.sources import open_source
 from maskgen.data.transforms import EvalTransform
@@ -24,11 +24,11 @@ from maskgen.models import from_pretrained
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--data", default="cifar10")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--data", default="cifar10", help="any data source: folder, shards, 'cifar10' (default)")
+    ap.add_argument("--split", default="test", help="split of --data (default test; 'train' for data without splits)")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=250)
-    ap.add_argument("--name", default="tokenizer_quality", help="results/NAME.json")
+    add_out_argument(ap, "tokenizer_quality")
     ap.add_argument("--save-recon", help="write the reconstructions as PNG files into this folder")
     args = ap.parse_args()
     model = from_pretrained(args.ckpt).eval()
@@ -60,7 +60,7 @@ def main() -> None:
              "tokens": "x".join(map(str, codes.shape[1:])), "codebook": k,
              "PSNR dB": float(torch.cat(psnrs).mean()), "codes used %": float((counts > 0).float().mean() * 100),
              "perplexity": perplexity}]
-    report(args.name, rows, "python benchmarks/tokenizer_quality.py " + " ".join(sys.argv[1:]))
+    report(args.out, rows, "python benchmarks/tokenizer_quality.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from common import report, timeit
+from common import add_out_argument, report, timeit
 from maskgen.api import build_config
 from maskgen.engine.precision import autocast, cpu_bf16_speedup
 from maskgen.models.vqgan import VQGAN, VQGANConfig
@@ -19,7 +19,7 @@ from maskgen.models.vqgan import VQGAN, VQGANConfig
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--min-time", type=float, default=3.0, help="seconds of timing per cell")
-    ap.add_argument("--name", default="tokenizer_throughput", help="results/NAME.json (an absolute path: PATH.json)")
+    add_out_argument(ap, "tokenizer_throughput")
     args = ap.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,7 +54,7 @@ def main() -> None:
                          "decode img/s": n / timeit(dec, **timing),
                          "note": "emulated bf16: one call" if slow else ""})
             print(rows[-1], file=sys.stderr)
-    report(args.name, rows, "python benchmarks/tokenizer_throughput.py " + " ".join(sys.argv[1:]))
+    report(args.out, rows, "python benchmarks/tokenizer_throughput.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from common import report, timeit
+from common import add_out_argument, report, timeit
 from maskgen.api import build_config
 from maskgen.engine.precision import autocast
 from maskgen.registry import METHODS
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per cell and round")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--name", default="tokenizer_train_step", help="results/NAME.json (an absolute path: PATH.json)")
+    add_out_argument(ap, "tokenizer_train_step")
     args = ap.parse_args()
     cfg = build_config("tokenizer", args.config, args.overrides)
     cells = {(p, f): make_step(cfg, p, f) for p in args.precisions for f in FORMATS}
@@ -63,7 +63,7 @@ def main() -> None:
              "batch": cfg.train.batch_size, "px": cfg.data.image_size, "precision": p, "memory format": f,
              "img/s": cfg.train.batch_size / median[(p, f)],
              "vs NCHW": median[(p, "contiguous")] / median[(p, f)]} for p, f in cells]
-    report(args.name, rows, "python benchmarks/tokenizer_train_step.py " + " ".join(sys.argv[1:]))
+    report(args.out, rows, "python benchmarks/tokenizer_train_step.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

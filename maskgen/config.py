@@ -30,7 +30,8 @@ log = logging.getLogger("maskgen")
 @dataclass
 class DataConfig(Options):
     path: str = option("cifar10", "image folder, WebDataset shards (brace patterns allowed), 'cifar10' or 'mnist5k' (embedded demo set)")
-    split: str = option("train", "split of a named dataset ('cifar10': train|test)", choices=("train", "test"))
+    split: str = option("train", "split of 'cifar10', 'mnist5k' or a folder with train/ and test/ sub-folders; data "
+                                 "without splits is all 'train'", choices=("train", "test"))
     image_size: int = option(32, "side of the square images handed to the model", min=8)
     augment: str = option("pretrain", "pretrain: RandomResizedCrop + flip; eval: resize + centre crop",
                           choices=("pretrain", "eval"))

@@ -42,7 +42,7 @@ def test_mage_throughput_tiny(tmp_path):
 def test_tokenizer_train_step_tiny(tmp_path):
     out = tmp_path / "train_step"
     cmd = [sys.executable, str(REPO / "benchmarks" / "tokenizer_train_step.py"), "--config", "tokenizer-tiny",
-           "train.batch_size=4", "--precisions", "fp32", "--rounds", "2", "--min-time", "0.05", "--name", str(out)]
+           "train.batch_size=4", "--precisions", "fp32", "--rounds", "2", "--min-time", "0.05", "--out", str(out) + ".json"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,3 +51,34 @@ def test_tokenizer_train_step_tiny(tmp_path):
     assert all(r["img/s"] > 0 and r["batch"] == 4 and r["px"] == 32 for r in rows)
     assert rows[0]["vs NCHW"] == 1.0 and rows[1]["vs NCHW"] > 0
     assert "memory format" in proc.stdout and "vs NCHW" in proc.stdout
+
+
+def test_token_predictability_tells_structure_from_noise(tmp_path):
+    """On a synthetic cache whose codes follow their left neighbour (code = left + 1 mod K) the context carries
+    every bit; on uniform noise it carries none."""
+    import math
+
+    import torch
+    from safetensors.torch import save_file
+
+    k, n = 16, 400
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(0, k, (n, 8, 1), generator=g)
+    ordered = (start + torch.arange(8)) % k                               # [n, 8, 8]
+    noise = torch.randint(0, k, (n, 8, 8), generator=g)
+    paths = []
+    for name, grids in (("ordered", ordered), ("noise", noise)):
+        tokens = grids[:, None, None].expand(n, 1, 2, 8, 8).to(torch.int32)
+        paths.append(tmp_path / f"{name}.safetensors")
+        save_file({"tokens": tokens.contiguous()}, str(paths[-1]), metadata={"codebook_size": str(k)})
+    out = tmp_path / "pred.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "token_predictability.py"), "--cache", *map(str, paths),
+           "--epochs", "4", "--batch", "256", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ordered_row, noise_row = json.loads(out.read_text())["rows"]
+    assert abs(ordered_row["H(x)"] - math.log2(k)) < 0.05 and ordered_row["H(x|left)"] < 1e-6
+    assert ordered_row["H(x|left) shuffled"] > 3.9 and ordered_row["context top1 %"] > 95
+    assert ordered_row["info bits"] > 3.5
+    assert noise_row["H(x|left)"] > 3.5 and noise_row["context top1 %"] < 15 and noise_row["info bits"] < 0.3

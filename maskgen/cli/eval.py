@@ -13,9 +13,10 @@ from datetime import datetime
 from pathlib import Path
 
 from .. import api, distributed
+from ..data.sources import has_split
 from ..engine.optim import scaled_lr
 from ..errors import UserError
-from ..eval.features import cached_features, load_encoder, require_labels
+from ..eval.features import PIXELS, cached_features, load_encoder, require_labels
 from ..eval.fewshot import fewshot_eval
 from ..eval.fid import evaluate_fid
 from ..eval.image_sets import is_checkpoint
@@ -32,12 +33,19 @@ DATA_HELP = "image folder (class sub-folders), WebDataset shards, 'cifar10' or '
 
 
 def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
-    p.add_argument("--ckpt", required=True, help="MAGE or tokenizer weights / checkpoint / run directory")
+    p.add_argument("--ckpt", required=True, help="MAGE or tokenizer weights / checkpoint / run directory, or "
+                                                 "'pixels': the raw pixels of --image-size images (default 32), the "
+                                                 "baseline any encoder must beat")
+    p.add_argument("--untrained", action="store_true",
+                   help="evaluate the architecture of --ckpt at its random initialisation (seed --seed) instead of "
+                        "its trained weights: what the pre-training added (a MAGE keeps its trained tokenizer)")
     p.add_argument("--data", required=True, help=f"training data: {DATA_HELP}")
-    p.add_argument("--split", default="train", help="split of a named --data set (default train)")
-    p.add_argument("--test-data", help="evaluation data (default: --data with --test-split; required for folders "
-                                       "and shards)")
-    p.add_argument("--test-split", default="test", help="split of a named test set (default test)")
+    p.add_argument("--split", default="train", help="split of --data: 'cifar10', 'mnist5k' and folders with "
+                                                    "train/ and test/ sub-folders have splits (default train)")
+    p.add_argument("--test-data", help="evaluation data (default: --data with --test-split; required for data "
+                                       "without splits)")
+    p.add_argument("--test-split", help="split of the test data (default: 'test'; all of a --test-data without "
+                                        "splits)")
     p.add_argument("--pool", default="mean", choices=("mean", "cls"),
                    help="mean: parameter-free LayerNorm of the mean token output (MAGE official; the tokenizer: "
                         "mean latent); cls: the [C0] token")
@@ -52,9 +60,11 @@ def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
                    help="images per forward pass (default 64)")
     p.add_argument("--feature-cache", metavar="DIR",
                    help="cache the features in DIR (safetensors, keyed by checkpoint, data, split, pool, size, limit)")
-    p.add_argument("--seed", type=flag_type(int, min=0), default=0)
+    p.add_argument("--seed", type=flag_type(int, min=0), default=0,
+                   help="seed of the evaluation (and of the --untrained weights) (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--json", help="result file (default: CKPT/eval/COMMAND.json)")
+    p.add_argument("--json", help="result file (default: CKPT/eval/COMMAND.json, COMMAND-untrained.json with "
+                                  "--untrained, runs/eval/COMMAND-pixels.json for pixels)")
 
 
 def add_eval_parser(subparsers) -> None:
@@ -106,7 +116,8 @@ def add_eval_parser(subparsers) -> None:
     ft.add_argument("--data", required=True, help=f"training data: {DATA_HELP}")
     ft.add_argument("--split", default="train")
     ft.add_argument("--test-data", help="evaluation data (default: --data with --test-split for named sets)")
-    ft.add_argument("--test-split", default="test")
+    ft.add_argument("--test-split", help="split of the test data (default: 'test'; all of a --test-data without "
+                                         "splits)")
     ft.add_argument("--config", "-c", default="finetune-cifar10", help="preset or YAML (default finetune-cifar10; "
                                                                       "finetune-tiny for a smoke run)")
     ft.add_argument("--run-dir", help="output directory (default: runs/finetune-DATE-TIME)")
@@ -157,11 +168,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _test_source(args) -> tuple[str, str]:
+    """(test data, split): --test-data at --test-split (all of it when it has no splits and no --test-split was
+    given; sources without splits read split 'train' as all their images), else the test split of --data."""
+    data, split = args.test_data or args.data, args.test_split or "test"
+    if has_split(data, split) or (args.test_data and args.test_split):  # open_source refuses a missing split
+        return data, split
     if args.test_data:
-        return args.test_data, args.test_split
-    if args.data in ("cifar10", "mnist5k"):
-        return args.data, args.test_split
-    raise UserError(f"--test-data is required for {args.data} (only 'cifar10' and 'mnist5k' have a test split)")
+        return data, "train"
+    raise UserError(f"--test-data is required for {args.data}: it has no {split!r} split (only 'cifar10', "
+                    f"'mnist5k' and folders with train/ and test/ sub-folders have one)")
 
 
 def _finish(title: str, rows: list, result: dict, json_path: str | Path) -> int:
@@ -170,17 +185,28 @@ def _finish(title: str, rows: list, result: dict, json_path: str | Path) -> int:
     return 0
 
 
+def _encoder_name(args) -> str:
+    return f"{args.ckpt} untrained (seed {args.seed})" if args.untrained else str(args.ckpt)
+
+
+def _default_json(args) -> Path:
+    if args.ckpt == PIXELS and not Path(args.ckpt).exists():
+        return Path("runs") / "eval" / f"{args.eval_command}-pixels.json"
+    resolve_weights_dir(args.ckpt)  # a missing checkpoint is reported as such, before its eval/ folder is made
+    return Path(args.ckpt) / "eval" / f"{args.eval_command}{'-untrained' if args.untrained else ''}.json"
+
+
 def _feature_eval(args) -> int:
     test_data, test_split = _test_source(args)
-    resolve_weights_dir(args.ckpt)  # a missing checkpoint is reported as such, before its eval/ folder is made
-    json_path = prepare_file(args.json or Path(args.ckpt) / "eval" / f"{args.eval_command}.json", "result file")
-    model = load_encoder(args.ckpt, args.device)
+    json_path = prepare_file(args.json or _default_json(args), "result file")
+    model = load_encoder(args.ckpt, args.device, untrained=args.untrained, seed=args.seed, image_size=args.image_size)
     common = dict(pool=args.pool, image_size=args.image_size, batch_size=args.feature_batch_size, device=args.device)
     test_x, test_y = cached_features(args.ckpt, model, test_data, test_split, args.feature_cache,
                                      limit=args.test_limit, **common)
     require_labels(test_y, test_data)
-    info = {"ckpt": str(args.ckpt), "model": model.model_name, "data": args.data, "split": args.split,
-            "test_data": test_data, "test_split": test_split, "pool": args.pool}
+    info = {"ckpt": str(args.ckpt), "untrained": args.untrained, "model": model.model_name, "data": args.data,
+            "split": args.split, "test_data": test_data,
+            "test_split": test_split if has_split(test_data, test_split) else None, "pool": args.pool}
     if args.eval_command == "linear-probe" and args.augment:
         r = train_linear_probe_augmented(model, args.data, args.split, test_x, test_y, **_probe_opts(args),
                                          pool=args.pool, image_size=args.image_size, limit=args.limit,
@@ -196,12 +222,12 @@ def _feature_eval(args) -> int:
         r = knn_classify(train_x, train_y, test_x, test_y, k=args.k, T=args.temperature)
         rows = [("top1 (%)", r["top1"]), ("top5 (%)", r["top5"]), ("k / T", f"{r['k']} / {r['T']}"),
                 ("train / test images", f"{r['num_train']} / {r['num_test']}")]
-        return _finish(f"kNN of {args.ckpt} ({args.pool} pool) on {args.data}", rows, {**info, **r}, json_path)
+        return _finish(f"kNN of {_encoder_name(args)} ({args.pool} pool) on {args.data}", rows, {**info, **r}, json_path)
 
     r = fewshot_eval(train_x, train_y, test_x, test_y, shots=args.shots, seeds=args.seeds, l2=args.l2)
     rows = [(f"{n}-shot top1 (%)", f"{v['mean']:.2f} +- {v['std']:.2f}") for n, v in r["results"].items()]
     rows += [("seeds / l2", f"{len(r['seeds'])} / {r['l2']:g}"), ("test images", len(test_y))]
-    return _finish(f"few-shot ridge of {args.ckpt} ({args.pool} pool) on {args.data}", rows, {**info, **r}, json_path)
+    return _finish(f"few-shot ridge of {_encoder_name(args)} ({args.pool} pool) on {args.data}", rows, {**info, **r}, json_path)
 
 
 def _probe_opts(args) -> dict:
@@ -215,7 +241,7 @@ def _probe_report(args, r: dict, info: dict, json_path, path_name: str) -> int:
             ("epochs / batch / lr", f"{r['epochs']} / {r['batch_size']} / {r['lr']:.4g} ({r['optimizer']})"),
             ("train / test images", f"{r['num_train']} / {r['num_test']}"),
             ("classes / dim", f"{r['num_classes']} / {r['dim']}"), ("path", path_name)]
-    return _finish(f"linear probe of {args.ckpt} ({args.pool} pool) on {args.data}", rows,
+    return _finish(f"linear probe of {_encoder_name(args)} ({args.pool} pool) on {args.data}", rows,
                    {**info, "augment": args.augment, **r}, json_path)
 
 

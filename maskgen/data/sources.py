@@ -1,11 +1,14 @@
 """Image sources: indexable collections of (encoded image, label, name).
 
-- `FolderSource`: an image folder; class sub-folders give labels, a flat folder is unlabeled (label -1).
+- `FolderSource`: an image folder; class sub-folders give labels, a flat folder is unlabeled (label -1). A
+  folder whose image-holding sub-folders are all split names (`train/`, `test/`, `val/`) is read as splits:
+  `open_source(folder, 'test')` reads `folder/test`.
 - `ShardSource`: WebDataset tar shards (paths or brace patterns); members `<key>.<img ext>` + `<key>.cls`.
   Shards are indexed once (member offsets), then read by random access: exact shuffling and resume. Damaged
   shards and bad labels are skipped with a warning; compressed shards are refused.
 - `ArraySource`: decoded images held in memory (the embedded MNIST digits).
-`open_source(path, split)` resolves a path, a pattern or a dataset name ('cifar10', 'mnist5k').
+`open_source(path, split)` resolves a path, a pattern or a dataset name ('cifar10', 'mnist5k'). A source without
+splits (a plain folder, shards) is all 'train': asking it for another split is an error, never a silent substitute.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ log = logging.getLogger("maskgen")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff")
 UNLABELED = -1
 SPLITS = ("train", "test")
+SPLIT_FOLDERS = ("train", "test", "val")
 MAX_LABEL = 2**31
 _TAR_ERRORS = (tarfile.TarError, EOFError, ValueError)
 _COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ\x00": ("xz", "unxz"),
@@ -284,12 +288,31 @@ def _cifar10_torchvision(split: str) -> ArraySource:
     return ArraySource(ds.data, np.asarray(ds.targets), f"CIFAR-10 {split} (torchvision copy in {root})")
 
 
+def folder_splits(root: str | os.PathLike) -> list[str]:
+    """The split names of a folder read as splits (every sub-folder holding images is `train`, `test` or `val`),
+    else []."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    holding = [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and any(_images_in(d))]
+    return sorted(holding) if holding and all(n in SPLIT_FOLDERS for n in holding) else []
+
+
+def has_split(path: str, split: str) -> bool:
+    """Whether `open_source(path, split)` reads a split of its own (named sets, split folders)."""
+    return path in ("cifar10", "mnist5k") or split in folder_splits(path)
+
+
 def open_source(path: str, split: str = "train"):
-    """A source for `path`: 'cifar10', 'mnist5k', an image folder, a tar shard / brace pattern, or a file list."""
+    """A source for `path`: 'cifar10', 'mnist5k', an image folder (a split folder: its `split` sub-folder), a tar
+    shard / brace pattern, or a file list. Sources without splits take only split 'train' (all their images)."""
     if path == "cifar10":
         src = cifar10(split)
     elif path == "mnist5k":
         src = mnist5k(split)
+    elif Path(path).is_dir() and folder_splits(path):
+        _check_split(f"image folder {path}", split, folder_splits(path))
+        src = FolderSource(Path(path) / split)
     elif Path(path).is_dir():
         src = FolderSource(path)
     elif ".tar" in path or "{" in path or Path(path).is_file():
@@ -300,6 +323,10 @@ def open_source(path: str, split: str = "train"):
         src = ShardSource(shards)
     else:
         raise UserError(f"data path not found: {path}")
+    if split != "train" and not has_split(path, split):
+        raise UserError(f"{path} has no splits (only a folder with train/ and test/ sub-folders, 'cifar10' and "
+                        f"'mnist5k' have them), so split {split!r} cannot be read: pass those images as their own "
+                        f"data path (e.g. --test-data)")
     if len(src) == 0:
         left_out = src.problems() if isinstance(src, ShardSource) else ""
         raise UserError(f"no images found in data path: {path}{left_out}")

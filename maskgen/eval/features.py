@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
@@ -24,7 +25,7 @@ from ..data.loader import subset
 from ..data.sources import open_source
 from ..data.transforms import EvalTransform
 from ..errors import UserError
-from ..models import from_pretrained
+from ..models import from_pretrained, untrained_model
 from ..outputs import atomic_write, prepare_dir, prepare_file
 from ..progress import progress_bar
 from ..weights import TRAIN_CONFIG_FILE, WEIGHTS_FILE, resolve_weights_dir
@@ -32,13 +33,39 @@ from ..weights import TRAIN_CONFIG_FILE, WEIGHTS_FILE, resolve_weights_dir
 log = logging.getLogger("maskgen")
 
 
-def load_encoder(ckpt: str | os.PathLike, device: str = "cpu") -> nn.Module:
+PIXELS = "pixels"
+
+
+class PixelFeatures(nn.Module):
+    """The raw-pixel baseline (`--ckpt pixels`): images [B, 3, S, S] in [0, 1] -> their pixels [B, 3*S*S]."""
+
+    model_name = PIXELS
+
+    def __init__(self, image_size: int = 32):
+        super().__init__()
+        self.config = SimpleNamespace(image_size=image_size)
+
+    def forward_features(self, x: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        return x.flatten(1)
+
+
+def load_encoder(ckpt: str | os.PathLike, device: str = "cpu", untrained: bool = False, seed: int = 0,
+                 image_size: int | None = None) -> nn.Module:
     """The model saved in `ckpt` (weights / checkpoint / run directory), in eval mode; it must have
-    `forward_features`. `model.trained_image_size` records `data.image_size` of the training run when the
+    `forward_features`. `untrained`: the same architecture at its seed-`seed` initialisation instead.
+    `ckpt='pixels'`: the raw pixels of `image_size` (default 32) images. `model.weights_id` identifies the weights
+    for the feature cache; `model.trained_image_size` records `data.image_size` of the training run when the
     checkpoint has its train_config.yaml (the tokenizer's config has no image size of its own)."""
-    model = from_pretrained(ckpt, device=device)
+    if str(ckpt) == PIXELS and not Path(ckpt).exists():
+        if untrained:
+            raise UserError("--untrained needs a checkpoint: the 'pixels' baseline has no weights")
+        model = PixelFeatures(image_size or 32)
+        model.weights_id = {"weights": PIXELS}
+        return model
+    model = untrained_model(ckpt, seed, device) if untrained else from_pretrained(ckpt, device=device)
     if not hasattr(model, "forward_features"):
         raise UserError(f"{ckpt} holds a '{model.model_name}' model, which has no features to extract")
+    model.weights_id = {**_weights_id(ckpt), **({"untrained_seed": seed} if untrained else {})}
     train_cfg = resolve_weights_dir(ckpt) / TRAIN_CONFIG_FILE
     if train_cfg.is_file():
         model.trained_image_size = (yaml.safe_load(train_cfg.read_text()) or {}).get("data", {}).get("image_size")
@@ -139,25 +166,31 @@ def extract_features(ckpt: str | os.PathLike, data: str, out: str | os.PathLike,
     return out
 
 
-def _cache_key(ckpt: str | os.PathLike, **fields) -> str:
-    """A hash of the resolved weights (path, size, mtime) and the extraction settings."""
+def _weights_id(ckpt: str | os.PathLike) -> dict:
+    """The resolved weights file of `ckpt`: path, size and modification time."""
     weights = resolve_weights_dir(ckpt) / WEIGHTS_FILE
     st = weights.stat()
-    text = json.dumps({"weights": str(weights.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, **fields},
-                      sort_keys=True)
+    return {"weights": str(weights.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns}
+
+
+def _cache_key(ckpt: str | os.PathLike, model: nn.Module, **fields) -> str:
+    """A hash of the model's weights (`weights_id` of `load_encoder`, else those of `ckpt`) and the extraction
+    settings."""
+    text = json.dumps({**(getattr(model, "weights_id", None) or _weights_id(ckpt)), **fields}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cached_features(ckpt: str | os.PathLike, model: nn.Module, data: str, split: str, cache_dir: str | None,
                     **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """`compute_features(model, data, split, **kwargs)`, read from / written to
-    `cache_dir/features-<hash>.safetensors` when `cache_dir` is given. The hash covers the checkpoint, data,
+    `cache_dir/features-<hash>.safetensors` when `cache_dir` is given (`model` from `load_encoder`). The hash
+    covers the weights (trained or untrained), data,
     split, pool, image size and limit, so a changed checkpoint or setting is recomputed, never reused. The
     number of unreadable images skipped is kept in the file's metadata and logged again when it is reused."""
     if not cache_dir:
         return compute_features(model, data, split, **kwargs)
     data_id = str(Path(data).resolve()) if Path(data).exists() else data
-    key = _cache_key(ckpt, data=data_id, split=split, pool=kwargs.get("pool", "mean"),
+    key = _cache_key(ckpt, model, data=data_id, split=split, pool=kwargs.get("pool", "mean"),
                      image_size=model_image_size(model, kwargs.get("image_size")), limit=kwargs.get("limit", 0))
     path = Path(cache_dir) / f"features-{key}.safetensors"
     if path.is_file():

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..registry import MODELS
-from ..weights import read_weights, resolve_weights_dir, write_weights
+from ..weights import CONFIG_FILE, read_model_config, read_weights, resolve_weights_dir, write_weights
 
 
 def create_model(name: str, **overrides) -> nn.Module:
@@ -71,6 +71,20 @@ def from_pretrained(path: str | os.PathLike, ema: bool = False, device: str | to
         except UserError:  # retried only when a newer checkpoint replaced the one being read
             if Path(path) == directory or attempt == 4 or resolve_weights_dir(path) == directory:
                 raise
+    return model.to(device).eval()
+
+
+def untrained_model(path: str | os.PathLike, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """The architecture saved in `path` at a fresh initialisation drawn from `seed`, in eval mode: the baseline a
+    pre-training must beat. Attachments (MAGE's frozen tokenizer) are loaded as saved: they are not what the
+    pre-training learned."""
+    directory = resolve_weights_dir(path)
+    meta = read_model_config(directory)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_from_config(meta, directory / CONFIG_FILE)
+    if hasattr(model, "load_attachments"):
+        model.load_attachments(directory)
     return model.to(device).eval()
 
 
