@@ -120,3 +120,18 @@ def test_linear_probe_learns_separable_features_and_checks_inputs():
         train_linear_probe(train_x, train_y, test_x[:, :8], test_y, epochs=1, progress=False)
     with pytest.raises(UserError, match="unlabeled"):
         train_linear_probe(train_x, torch.full_like(train_y, -1), test_x, test_y, epochs=1, progress=False)
+
+
+def test_linear_probe_warns_when_its_head_stays_at_chance(caplog):
+    """LARS at its default blr moves a head by ~lr x 0.001 x |w| per step: on a small set it stays near chance
+    (ln 4 = 1.386) and the probe says so; SGD on the same features leaves chance and says nothing."""
+    train_x, train_y = clusters(40, 4, 16, 0, spread=1.0)
+    test_x, test_y = clusters(20, 4, 16, 1, spread=1.0)
+    with caplog.at_level("WARNING", logger="maskgen"):
+        r = train_linear_probe(train_x, train_y, test_x, test_y, epochs=3, batch_size=32, progress=False)
+    assert r["train_loss"] > 0.9 * math.log(4) and "stayed near chance" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="maskgen"):
+        r = train_linear_probe(train_x, train_y, test_x, test_y, epochs=30, batch_size=32, optimizer="sgd", lr=0.5,
+                               progress=False)
+    assert r["train_loss"] < 0.5 and "stayed near chance" not in caplog.text

@@ -11,6 +11,7 @@ views and runs the frozen encoder on them.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Iterable
 
@@ -26,7 +27,10 @@ from ..errors import UserError
 from ..progress import progress_bar
 from .features import model_image_size
 
+log = logging.getLogger("maskgen")
+
 OPTIMIZERS = ("lars", "sgd", "adamw")
+NEAR_CHANCE = 0.9  # a last training loss above this fraction of ln(classes): the head barely left chance
 DEFAULT_BLR = {"lars": 0.1, "sgd": 0.1, "adamw": 1e-3}
 
 
@@ -79,7 +83,7 @@ def fit_head(head: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
              epochs: int, lr: float, optimizer: str, weight_decay: float, warmup_epochs: float | None,
              progress: bool) -> float:
     """Train `head` on `forward(inputs)` for `epochs` passes of `epoch_batches(epoch)`, with warm-up + cosine per
-    step. Returns the mean training loss of the last epoch."""
+    step. Returns the mean training loss of the last epoch, and warns when it is still near chance (ln C)."""
     opt = make_optimizer(optimizer, head.parameters(), weight_decay)
     total = epochs * steps_per_epoch
     warmup = round((epochs / 9 if warmup_epochs is None else warmup_epochs) * steps_per_epoch)
@@ -100,6 +104,12 @@ def fit_head(head: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
         if not math.isfinite(last):
             raise UserError(f"the probe's loss became {last} in epoch {epoch}: lower --lr / --blr")
         bar.set_postfix(loss=f"{last:.4f}", refresh=False)
+    classes = head[-1].out_features
+    if classes > 1 and last > NEAR_CHANCE * math.log(classes):
+        log.warning("the probe's head stayed near chance: its last training loss %.3f is %.0f %% of ln %d = %.3f, so "
+                    "its accuracy says little about the features (%s at lr %.3g barely moved it: try --optimizer "
+                    "sgd, a larger --lr or more --epochs)", last, 100 * last / math.log(classes), classes,
+                    math.log(classes), optimizer, lr)
     return last
 
 
