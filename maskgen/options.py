@@ -45,11 +45,6 @@ def did_you_mean(key: str, options) -> str:
 INT_MAX = 2**63 - 1  # what torch and numpy take: larger integers are refused everywhere
 
 
-def check_value(f: dataclasses.Field, value, key: str) -> None:
-    """Raise ConfigError when `value` (or an item of a list value) breaks the field's choices or bounds."""
-    check_bounds(f.metadata, value, key)
-
-
 def check_bounds(m, value, key: str) -> None:
     """Raise ConfigError when `value` (or each item of a list) is not one of `m['choices']`, is out of the bounds
     `m['min']`/`m['max']` (inclusive), `m['gt']`/`m['lt']` (exclusive), or is not a finite number: NaN and
@@ -98,7 +93,7 @@ class Options:
             if isinstance(value, tuple):
                 value = list(value)
                 setattr(self, f.name, value)
-            check_value(f, value, f.name)
+            check_bounds(f.metadata, value, f.name)
         self.validate()
 
     def validate(self) -> None:
@@ -165,7 +160,7 @@ def build_options(cls: type, data: dict, prefix: str):
         if key not in fields:
             raise ConfigError(f"unknown config key '{full}'{did_you_mean(full, (f'{prefix}.{k}' for k in fields))}")
         kwargs[key] = parse_value(hints[key], raw, full)
-        check_value(fields[key], kwargs[key], full)
+        check_bounds(fields[key].metadata, kwargs[key], full)
     try:
         return cls(**kwargs)
     except ConfigError as e:

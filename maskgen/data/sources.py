@@ -306,12 +306,13 @@ def has_split(path: str, split: str) -> bool:
 def open_source(path: str, split: str = "train"):
     """A source for `path`: 'cifar10', 'mnist5k', an image folder (a split folder: its `split` sub-folder), a tar
     shard / brace pattern, or a file list. Sources without splits take only split 'train' (all their images)."""
+    splits = []  # of a split folder
     if path == "cifar10":
         src = cifar10(split)
     elif path == "mnist5k":
         src = mnist5k(split)
-    elif Path(path).is_dir() and folder_splits(path):
-        _check_split(f"image folder {path}", split, folder_splits(path))
+    elif splits := folder_splits(path):
+        _check_split(f"image folder {path}", split, splits)
         src = FolderSource(Path(path) / split)
     elif Path(path).is_dir():
         src = FolderSource(path)
@@ -323,7 +324,7 @@ def open_source(path: str, split: str = "train"):
         src = ShardSource(shards)
     else:
         raise UserError(f"data path not found: {path}")
-    if split != "train" and not has_split(path, split):
+    if split != "train" and path not in ("cifar10", "mnist5k") and not splits:
         raise UserError(f"{path} has no splits (only a folder with train/ and test/ sub-folders, 'cifar10' and "
                         f"'mnist5k' have them), so split {split!r} cannot be read: pass those images as their own "
                         f"data path (e.g. --test-data)")
