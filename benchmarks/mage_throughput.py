@@ -1,6 +1,7 @@
 """MAGE throughput and MFU on this machine: training steps (from cached tokens and from images) and MaskGIT
-generation of the `mage-cifar10` preset model (ViT-S-like 6x384 encoder, 4x384 decoder, 8x8 tokens, 512 codes,
-32 px) with a tokenizer built from the `tokenizer-cifar10` preset. Random weights: speed does not depend on them.
+generation of the `mage-cifar10` preset model (ViT-S-like 6x384 encoder, 4x384 decoder, 8x8 tokens, 32 px; 64 codes
+since 2026-12-03, 512 in the BENCHMARKS.md rows of 2026-11-24) with a tokenizer built from the `tokenizer-cifar10`
+preset. Random weights: speed does not depend on them.
 
     python benchmarks/mage_throughput.py [--min-time 3] [--batch 64] [--gen-batch 16] [--skip-bf16] [--threads N]
 

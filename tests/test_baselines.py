@@ -9,6 +9,7 @@ from maskgen.cli import main
 from maskgen.data.sources import folder_splits, open_source
 from maskgen.data.transforms import EvalTransform
 from maskgen.data.decode import decode_image
+from maskgen.errors import UserError
 from maskgen.eval.features import compute_features, load_encoder
 from maskgen.models import from_pretrained
 from maskgen.models.pretrained import build_from_config
@@ -69,6 +70,34 @@ def test_eval_cli_untrained_and_pixels(tiny_models, tmp_path, capsys):
     r = json.loads((tmp_path / "px.json").read_text())
     assert code == 0 and r["model"] == "pixels" and r["num_train"] == 60 and r["num_test"] == 30
     assert r["top1"] > 30  # chance 10 %: raw digit pixels separate classes well under kNN
+
+
+def test_layer_reads_an_earlier_block(tiny_models, tmp_path, capsys):
+    full = load_encoder(tiny_models["mage"])
+    depth = len(full.blocks)
+    assert depth >= 2
+    x = torch.rand(3, 3, full.config.image_size, full.config.image_size)
+    with torch.no_grad():
+        h = full.embed(x)
+        h = full.blocks[0](h)
+        want = torch.nn.functional.layer_norm(h[:, 1:].mean(1), (h.shape[-1],), eps=1e-6)
+        first = load_encoder(tiny_models["mage"], layer=1)
+        assert torch.allclose(first.forward_features(x), want, atol=1e-6)
+        assert torch.equal(load_encoder(tiny_models["mage"], layer=depth).forward_features(x), full.forward_features(x))
+        assert not torch.allclose(first.forward_features(x), full.forward_features(x), atol=1e-3)
+    for ckpt, layer, match in ((tiny_models["mage"], depth + 1, f"between 1 and {depth}"),
+                               (tiny_models["tok"], 1, "ViT encoders"), ("pixels", 1, "needs a checkpoint")):
+        with pytest.raises(UserError, match=match):
+            load_encoder(ckpt, layer=layer)
+    cache = tmp_path / "cache"
+    common = ["--ckpt", tiny_models["mage"], "--data", "mnist5k", "--limit", 40, "--test-limit", 20,
+              "--feature-cache", cache]
+    assert invoke(capsys, "eval", "knn", *common, "--json", tmp_path / "a.json")[0] == 0
+    assert invoke(capsys, "eval", "knn", *common, "--layer", 1, "--json", tmp_path / "b.json")[0] == 0
+    assert len(list(cache.glob("features-*.safetensors"))) == 4  # block 1 is never served block `depth`'s features
+    assert json.loads((tmp_path / "b.json").read_text())["layer"] == 1
+    code, err = invoke(capsys, "eval", "knn", *common, "--layer", depth + 1)
+    assert code == 2 and "--layer must be between" in err and err.count("\n") == 1, err
 
 
 def test_split_folder_is_read_as_splits(tmp_path):

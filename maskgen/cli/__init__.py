@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--split", default="train")
     ft.add_argument("--pool", default="mean", choices=("mean", "cls"),
                     help="mean: LayerNorm of the mean image-token output (official linear probe); cls: [C] token")
+    ft.add_argument("--layer", type=flag_type(int, min=1),
+                    help="features of this encoder block (1 = the first; default: the last); ViT encoders (MAGE) only")
     ft.add_argument("--batch-size", type=flag_type(int, min=1), default=64)
     ft.add_argument("--limit", type=flag_type(int, min=0), default=0, help="a fixed random subset of N images (0: all)")
     ft.add_argument("--image-size", type=flag_type(int, min=8),
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
     elif args.command == "features":
         out = extract_features(args.ckpt, args.data, args.out, args.split, args.pool, image_size=args.image_size,
-                               batch_size=args.batch_size, limit=args.limit, device=args.device)
+                               batch_size=args.batch_size, limit=args.limit, device=args.device, layer=args.layer)
         print(f"wrote {out}")
     elif args.command == "convert":
         out = api.convert(args.convert_command, args.src, args.out)

@@ -49,6 +49,9 @@ def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
     p.add_argument("--pool", default="mean", choices=("mean", "cls"),
                    help="mean: parameter-free LayerNorm of the mean token output (MAGE official; the tokenizer: "
                         "mean latent); cls: the [C0] token")
+    p.add_argument("--layer", type=flag_type(int, min=1),
+                   help="features of this encoder block (1 = the first; default: the last), pooled as --pool; "
+                        "ViT encoders (MAGE) only")
     p.add_argument("--image-size", type=flag_type(int, min=8),
                    help="image side fed to the model (default: the model's)")
     p.add_argument("--limit", type=flag_type(int, min=0), default=0,
@@ -186,7 +189,8 @@ def _finish(title: str, rows: list, result: dict, json_path: str | Path) -> int:
 
 
 def _encoder_name(args) -> str:
-    return f"{args.ckpt} untrained (seed {args.seed})" if args.untrained else str(args.ckpt)
+    name = f"{args.ckpt} untrained (seed {args.seed})" if args.untrained else str(args.ckpt)
+    return f"{name}, block {args.layer}" if getattr(args, "layer", None) else name
 
 
 def _default_json(args) -> Path:
@@ -199,14 +203,16 @@ def _default_json(args) -> Path:
 def _feature_eval(args) -> int:
     test_data, test_split = _test_source(args)
     json_path = prepare_file(args.json or _default_json(args), "result file")
-    model = load_encoder(args.ckpt, args.device, untrained=args.untrained, seed=args.seed, image_size=args.image_size)
+    model = load_encoder(args.ckpt, args.device, untrained=args.untrained, seed=args.seed, image_size=args.image_size,
+                         layer=args.layer)
     common = dict(pool=args.pool, image_size=args.image_size, batch_size=args.feature_batch_size, device=args.device)
     test_x, test_y = cached_features(args.ckpt, model, test_data, test_split, args.feature_cache,
                                      limit=args.test_limit, **common)
     require_labels(test_y, test_data)
     info = {"ckpt": str(args.ckpt), "untrained": args.untrained, "model": model.model_name, "data": args.data,
             "split": args.split, "test_data": test_data,
-            "test_split": test_split if has_split(test_data, test_split) else None, "pool": args.pool}
+            "test_split": test_split if has_split(test_data, test_split) else None, "pool": args.pool,
+            "layer": args.layer}
     if args.eval_command == "linear-probe" and args.augment:
         r = train_linear_probe_augmented(model, args.data, args.split, test_x, test_y, **_probe_opts(args),
                                          pool=args.pool, image_size=args.image_size, limit=args.limit,

@@ -50,15 +50,18 @@ class PixelFeatures(nn.Module):
 
 
 def load_encoder(ckpt: str | os.PathLike, device: str = "cpu", untrained: bool = False, seed: int = 0,
-                 image_size: int | None = None) -> nn.Module:
+                 image_size: int | None = None, layer: int | None = None) -> nn.Module:
     """The model saved in `ckpt` (weights / checkpoint / run directory), in eval mode; it must have
     `forward_features`. `untrained`: the same architecture at its seed-`seed` initialisation instead.
+    `layer`: keep only the first `layer` blocks of a ViT encoder (MAGE, its classifier), so that the features are
+    those of block `layer` (pooled as usual); None: all blocks.
     `ckpt='pixels'`: the raw pixels of `image_size` (default 32) images. `model.weights_id` identifies the weights
     for the feature cache; `model.trained_image_size` records `data.image_size` of the training run when the
     checkpoint has its train_config.yaml (the tokenizer's config has no image size of its own)."""
     if str(ckpt) == PIXELS and not Path(ckpt).exists():
-        if untrained:
-            raise UserError("--untrained needs a checkpoint: the 'pixels' baseline has no weights")
+        if untrained or layer is not None:
+            raise UserError(f"--{'untrained' if untrained else 'layer'} needs a checkpoint: the 'pixels' baseline "
+                            f"has no weights")
         model = PixelFeatures(image_size or 32)
         model.weights_id = {"weights": PIXELS}
         return model
@@ -66,10 +69,23 @@ def load_encoder(ckpt: str | os.PathLike, device: str = "cpu", untrained: bool =
     if not hasattr(model, "forward_features"):
         raise UserError(f"{ckpt} holds a '{model.model_name}' model, which has no features to extract")
     model.weights_id = {**_weights_id(ckpt), **({"untrained_seed": seed} if untrained else {})}
+    if layer is not None:
+        _truncate(model, layer, ckpt)
     train_cfg = resolve_weights_dir(ckpt) / TRAIN_CONFIG_FILE
     if train_cfg.is_file():
         model.trained_image_size = (yaml.safe_load(train_cfg.read_text()) or {}).get("data", {}).get("image_size")
     return model
+
+
+def _truncate(model: nn.Module, layer: int, ckpt) -> None:
+    """Keep the first `layer` encoder blocks of `model` (in place) and record the layer in its `weights_id`."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise UserError(f"--layer applies to ViT encoders (MAGE); {ckpt} holds a '{model.model_name}' model")
+    if not 1 <= layer <= len(blocks):
+        raise UserError(f"--layer must be between 1 and {len(blocks)} (the encoder's depth), got {layer}")
+    model.blocks = blocks[:layer]
+    model.weights_id["layer"] = layer
 
 
 def model_image_size(model: nn.Module, image_size: int | None) -> int:
@@ -152,17 +168,18 @@ def _warn_skipped(skipped: int, data: str) -> None:
 
 def extract_features(ckpt: str | os.PathLike, data: str, out: str | os.PathLike, split: str = "train",
                      pool: str = "mean", image_size: int | None = None, batch_size: int = 64, limit: int = 0,
-                     device: str = "cpu", progress: bool = True) -> Path:
+                     device: str = "cpu", progress: bool = True, layer: int | None = None) -> Path:
     """`maskgen features`: features of every image of `data` (see `compute_features`) into a safetensors file
     with `features` float32 [N, D] and `labels` int64 [N] (-1 = unlabeled); its metadata holds the number of
-    unreadable images skipped."""
+    unreadable images skipped. `layer`: features of that encoder block (see `load_encoder`)."""
     out = prepare_file(out, "features file")
-    model = load_encoder(ckpt, device)
+    model = load_encoder(ckpt, device, layer=layer)
     feats, labels, skipped = _features(model, data, split, pool=pool, image_size=image_size, batch_size=batch_size,
                                        limit=limit, device=device, progress=progress)
     with atomic_write(out) as tmp:
         save_file({"features": feats, "labels": labels}, str(tmp), metadata={
-            "ckpt": str(ckpt), "data": str(data), "split": split, "pool": pool, "skipped": str(skipped)})
+            "ckpt": str(ckpt), "data": str(data), "split": split, "pool": pool, "skipped": str(skipped),
+            "layer": str(layer or "last")})
     return out
 
 
@@ -184,9 +201,9 @@ def cached_features(ckpt: str | os.PathLike, model: nn.Module, data: str, split:
                     **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """`compute_features(model, data, split, **kwargs)`, read from / written to
     `cache_dir/features-<hash>.safetensors` when `cache_dir` is given (`model` from `load_encoder`). The hash
-    covers the weights (trained or untrained), data,
-    split, pool, image size and limit, so a changed checkpoint or setting is recomputed, never reused. The
-    number of unreadable images skipped is kept in the file's metadata and logged again when it is reused."""
+    covers the weights (trained or untrained, and the --layer), data, split, pool, image size and limit, so a
+    changed checkpoint or setting is recomputed, never reused. The number of unreadable images skipped is kept in
+    the file's metadata and logged again when it is reused."""
     if not cache_dir:
         return compute_features(model, data, split, **kwargs)
     data_id = str(Path(data).resolve()) if Path(data).exists() else data
