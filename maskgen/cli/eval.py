@@ -190,7 +190,7 @@ def _finish(title: str, rows: list, result: dict, json_path: str | Path) -> int:
 
 def _encoder_name(args) -> str:
     name = f"{args.ckpt} untrained (seed {args.seed})" if args.untrained else str(args.ckpt)
-    return f"{name}, block {args.layer}" if getattr(args, "layer", None) else name
+    return f"{name}, block {args.layer}" if args.layer else name
 
 
 def _default_json(args) -> Path:

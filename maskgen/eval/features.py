@@ -78,14 +78,16 @@ def load_encoder(ckpt: str | os.PathLike, device: str = "cpu", untrained: bool =
 
 
 def _truncate(model: nn.Module, layer: int, ckpt) -> None:
-    """Keep the first `layer` encoder blocks of `model` (in place) and record the layer in its `weights_id`."""
+    """Keep the first `layer` encoder blocks of `model` (in place) and record the layer in its `weights_id`; the
+    last layer is the model as it is (its cached features are shared with runs without --layer)."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise UserError(f"--layer applies to ViT encoders (MAGE); {ckpt} holds a '{model.model_name}' model")
     if not 1 <= layer <= len(blocks):
         raise UserError(f"--layer must be between 1 and {len(blocks)} (the encoder's depth), got {layer}")
-    model.blocks = blocks[:layer]
-    model.weights_id["layer"] = layer
+    if layer < len(blocks):
+        model.blocks = blocks[:layer]
+        model.weights_id["layer"] = layer
 
 
 def model_image_size(model: nn.Module, image_size: int | None) -> int:
