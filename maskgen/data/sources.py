@@ -29,6 +29,7 @@ log = logging.getLogger("maskgen")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff")
 UNLABELED = -1
+NAMED_SETS = ("cifar10", "mnist5k")  # the embedded / shared named datasets, each with SPLITS
 SPLITS = ("train", "test")
 SPLIT_FOLDERS = ("train", "test", "val")
 MAX_LABEL = 2**31
@@ -300,7 +301,7 @@ def folder_splits(root: str | os.PathLike) -> list[str]:
 
 def has_split(path: str, split: str) -> bool:
     """Whether `open_source(path, split)` reads a split of its own (named sets, split folders)."""
-    return path in ("cifar10", "mnist5k") or split in folder_splits(path)
+    return path in NAMED_SETS or split in folder_splits(path)
 
 
 def open_source(path: str, split: str = "train"):
@@ -324,7 +325,7 @@ def open_source(path: str, split: str = "train"):
         src = ShardSource(shards)
     else:
         raise UserError(f"data path not found: {path}")
-    if split != "train" and path not in ("cifar10", "mnist5k") and not splits:
+    if split != "train" and path not in NAMED_SETS and not splits:
         raise UserError(f"{path} has no splits (only a folder with train/ and test/ sub-folders, 'cifar10' and "
                         f"'mnist5k' have them), so split {split!r} cannot be read: pass those images as their own "
                         f"data path (e.g. --test-data)")

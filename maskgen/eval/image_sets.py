@@ -17,20 +17,18 @@ from PIL import Image
 
 from ..data.decode import BadImage, decode_image
 from ..data.loader import subset
-from ..data.sources import open_source
+from ..data.sources import NAMED_SETS, SPLITS, open_source
 from ..errors import UserError
 from ..generation import generated_batches, load_generator_model
 from ..sampling import sampler_for
 
 log = logging.getLogger("maskgen")
-NAMED = ("cifar10", "mnist5k")
-SPLITS = ("train", "test")
 
 
 def parse_named(spec: str) -> tuple[str, str] | None:
     """'cifar10-test' -> ('cifar10', 'test'); 'cifar10' -> ('cifar10', 'train'); anything else -> None."""
     name, _, split = spec.partition("-")
-    if name in NAMED and (split in SPLITS or not split) and not Path(spec).exists():
+    if name in NAMED_SETS and (split in SPLITS or not split) and not Path(spec).exists():
         return name, split or "train"
     return None
 
@@ -51,7 +49,7 @@ class SourceImages:
     def __init__(self, spec: str, image_size: int | None = None, limit: int = 0):
         named = parse_named(spec)
         if named is None and not Path(spec).exists() and ".tar" not in spec and "{" not in spec:
-            raise UserError(f"image set not found: {spec} (a folder, shards, {', '.join(NAMED)}[-train|-test], or "
+            raise UserError(f"image set not found: {spec} (a folder, shards, {', '.join(NAMED_SETS)}[-train|-test], or "
                             f"a checkpoint of a model that generates)")
         self.source = open_source(*named) if named else open_source(spec)
         self.indices = subset(len(self.source), limit)
