@@ -124,6 +124,8 @@ def test_split_errors_are_usage_errors(tiny_models, tmp_path, capsys):
     assert code == 2 and "has no splits" in err
     code, err = invoke(capsys, "eval", "knn", "--ckpt", tiny_models["tok"], "--data", flat, "--image-size", 32)
     assert code == 2 and "--test-data is required" in err
+    code, err = invoke(capsys, "eval", "fid", "--input1", flat, "--input2", split, "--extractor", "lite0")
+    assert code == 2 and f"e.g. {split / 'test'}" in err and err.count("\n") == 1, err  # not its train/ silently
 
 
 def test_eval_on_a_split_folder_takes_its_test_split(tiny_models, tmp_path, capsys):

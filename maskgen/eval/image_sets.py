@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..data.decode import BadImage, decode_image
 from ..data.loader import subset
-from ..data.sources import NAMED_SETS, SPLITS, open_source
+from ..data.sources import NAMED_SETS, SPLITS, folder_splits, open_source
 from ..errors import UserError
 from ..generation import generated_batches, load_generator_model
 from ..sampling import sampler_for
@@ -51,6 +51,9 @@ class SourceImages:
         if named is None and not Path(spec).exists() and ".tar" not in spec and "{" not in spec:
             raise UserError(f"image set not found: {spec} (a folder, shards, {', '.join(NAMED_SETS)}[-train|-test], or "
                             f"a checkpoint of a model that generates)")
+        if named is None and (splits := folder_splits(spec)):
+            example = Path(spec) / ("test" if "test" in splits else splits[0])
+            raise UserError(f"{spec} holds splits ({', '.join(splits)}): name the one to compare, e.g. {example}")
         self.source = open_source(*named) if named else open_source(spec)
         self.indices = subset(len(self.source), limit)
         self.name, self.image_size, self.limit = spec, image_size, limit
