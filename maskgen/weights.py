@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .outputs import atomic_write
 
 WEIGHTS_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -65,13 +66,20 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def write_weights(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: dict,
                   ema_state: dict | None = None) -> Path:
-    """Write `model.safetensors` (+ `ema.safetensors`) and `config.json` (`config`, JSON-able) into `directory`."""
+    """Write `model.safetensors` (+ `ema.safetensors`) and, last, `config.json` (`config`, JSON-able) into
+    `directory`, each file atomically: an interrupted write leaves no truncated file, and no config.json beside
+    weights of another model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous(state), str(directory / WEIGHTS_FILE))
-    if ema_state is not None:
-        save_file(_contiguous(ema_state), str(directory / EMA_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (directory / CONFIG_FILE).unlink(missing_ok=True)  # a folder being rewritten is no weights folder meanwhile
+    if ema_state is None:
+        (directory / EMA_FILE).unlink(missing_ok=True)  # never the EMA of an earlier model beside these weights
+    files = [(WEIGHTS_FILE, state)] + ([(EMA_FILE, ema_state)] if ema_state is not None else [])
+    for name, tensors in files:
+        with atomic_write(directory / name) as tmp:
+            save_file(_contiguous(tensors), str(tmp))
+    with atomic_write(directory / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 

@@ -91,6 +91,30 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
     assert out.read_bytes() == b"done" and list(tmp_path.iterdir()) == [out]
 
 
+
+def test_weights_interrupted_while_rewritten_leave_no_weights_folder(tmp_path, monkeypatch):
+    from maskgen import weights
+    from maskgen.weights import CONFIG_FILE, EMA_FILE, WEIGHTS_FILE, read_model_config, write_weights
+    old = {"w": torch.zeros(3)}
+    write_weights(tmp_path, old, {"model": "a", "config": {}}, ema_state=old)
+    real_save = weights.save_file
+
+    def save_then_fail(tensors, path):
+        real_save(tensors, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:20])  # truncated, as by a kill or a full disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(weights, "save_file", save_then_fail)
+    with pytest.raises(OSError):
+        write_weights(tmp_path, {"w": torch.ones(300)}, {"model": "b", "config": {}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_FILE]  # the old, whole file; no temporaries
+    assert torch.equal(load_file(tmp_path / WEIGHTS_FILE)["w"], old["w"])
+    with pytest.raises(UserError, match=f"holds no {CONFIG_FILE}"):
+        read_model_config(tmp_path)  # the folder no longer claims to hold a model
+    monkeypatch.setattr(weights, "save_file", real_save)
+    write_weights(tmp_path, {"w": torch.ones(300)}, {"model": "b", "config": {}})
+    assert read_model_config(tmp_path)["model"] == "b" and not (tmp_path / EMA_FILE).exists()
+
 # ------------------------------------------------------------------------------ real small file systems
 @contextlib.contextmanager
 def small_filesystem(tmp_path: Path, size: str, read_only: bool = False):
