@@ -25,7 +25,7 @@ from .data.token_cache import cache_tokens
 from .data.transforms import EvalTransform
 from .eval.features import compute_features
 from .eval.linear_probe import train_linear_probe
-from .generation import edit_image, generate_images
+from .generation import edit_image, generate_images, grid_path
 from .models import from_pretrained
 from .models.mage import MAGE
 
@@ -77,7 +77,7 @@ def run_demo(run_dir: str | Path = "runs/demo", max_steps: int = 0, num_images: 
     _stage(4, f"generating {num_images} digits and inpainting 4 test digits")
     generate_images(run / "mage", run / "generated", num_images, seed=0, device=device, progress=progress,
                     **SAMPLING)
-    (run / "generated" / "grid.png").replace(run / "generated.png")
+    grid_path(run / "generated").replace(run / "generated.png")
     _inpainting_examples(run, edit_image, device)
     seconds["generation"] = time.time() - t
 

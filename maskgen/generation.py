@@ -57,11 +57,13 @@ def _batches(model, sampler: Sampler, num_images: int, batch_size: int, seed: in
 def generate_images(ckpt: str | os.PathLike, out: str | os.PathLike, num_images: int, seed: int = 0,
                     batch_size: int = 16, device: str = "cpu", progress: bool = True,
                     **sampler_options: Any) -> Path:
-    """Generate `num_images` images from scratch into `out/` as 000000.png ... plus grid.png (first 64);
+    """Generate `num_images` images from scratch into `out/` as 000000.png ... and a contact sheet of the first 64
+    beside the folder (`grid_path(out)`, so that the folder holds the samples only, as FID tools read it);
     `sampler_options` (e.g. num_iter=20) go to the model's sampler."""
     if num_images < 1 or batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
     out = prepare_dir(out, "output folder")
+    grid_file = prepare_file(grid_path(out), "grid image")
     model = load_generator_model(ckpt, device)
     batches = generated_batches(model, num_images, batch_size, seed, device, **sampler_options)
     grid = []
@@ -71,8 +73,14 @@ def generate_images(ckpt: str | os.PathLike, out: str | os.PathLike, num_images:
                 _save_png(img, out / f"{first + i:06d}.png")
             grid.extend(images[: max(0, 64 - len(grid))])
             bar.update(len(images))
-    _save_png(make_grid(torch.stack(grid), nrow=8), out / "grid.png")
+    _save_png(make_grid(torch.stack(grid), nrow=8), grid_file)
     return out
+
+
+def grid_path(out: str | os.PathLike) -> Path:
+    """Where `generate_images` puts the contact sheet of folder `out`: OUT-grid.png beside it."""
+    out = Path(out).absolute()
+    return out.parent / f"{out.name}-grid.png"
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:

@@ -62,7 +62,7 @@ def test_generate_images_writes_the_raw_images(ckpt, tmp_path):
         save_image(raw[i], tmp_path / f"raw{i}.png")
         written = np.asarray(Image.open(tmp_path / "out" / f"{i:06d}.png"))
         assert np.abs(written.astype(int) - np.asarray(Image.open(tmp_path / f"raw{i}.png"))).max() <= 1
-    assert (tmp_path / "out" / "grid.png").is_file()
+    assert (tmp_path / "out-grid.png").is_file() and len(list((tmp_path / "out").iterdir())) == 3
 
 
 def test_edit_goes_through_the_model_protocol(ckpt, tmp_path):
@@ -119,7 +119,7 @@ def test_cli_flags_come_from_the_sampler_options(ckpt, tmp_path, capsys):
     assert not (tmp_path / "g").exists()
     assert main(["generate", "--ckpt", str(ckpt), "--out", str(tmp_path / "g"), "--num-images", "2",
                  "--num-iter", "2", "--choice-temperature", "0"]) == 0
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["000000.png", "000001.png", "grid.png"]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["000000.png", "000001.png"]
 
 
 def test_fid_image_set_of_a_checkpoint_uses_the_sampler_options(ckpt):

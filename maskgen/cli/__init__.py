@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate images from scratch with the sampler the model declares (MAGE: "
                                      "every token starts masked and is filled in num-iter MaskGIT steps, cosine "
                                      "schedule, Gumbel-noised confidence). Image i depends only on (--seed, i). "
-                                     "Writes 000000.png ... and grid.png. Unset sampler options keep the "
+                                     "Writes OUT/000000.png ... and OUT-grid.png (the first 64, beside the folder, so that OUT holds "
+                                     "only samples for FID tools). Unset sampler options keep the "
                                      "sampler's defaults.")
     gen.add_argument("--ckpt", required=True, help="weights / checkpoint / run directory of a generative model")
     gen.add_argument("--out", required=True, help="output folder")

@@ -90,7 +90,7 @@ def test_generate_is_seeded_and_batch_independent(trained, tmp_path):
         # same images whatever the batch size (up to float rounding of batched matmuls)
         assert np.abs(read("a", i).astype(int) - read("b", i)).mean() < 1.0
     assert any(not np.array_equal(read("a", i), read("c", i)) for i in range(3))
-    assert (tmp_path / "a" / "grid.png").is_file()
+    assert (tmp_path / "a-grid.png").is_file()
     # the image set that `maskgen eval fid --input1 CKPT --num-gen N` scores is what `maskgen generate` writes
     assert isinstance(open_image_set(str(trained), num_gen=3), GeneratedImages)
     scored = torch.cat(list(GeneratedImages(str(trained), 3, seed=0, num_iter=3).batches(3))).permute(0, 2, 3, 1).numpy().astype(int)
