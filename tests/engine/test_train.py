@@ -113,9 +113,11 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert all(abs(ddp_losses[s] - single_losses[s]) < 1e-5 for s in ddp_losses)
 
 
-def test_channels_last_trains_like_contiguous_and_resumes_exactly(tmp_path):
+def test_channels_last_trains_like_contiguous_and_resumes(tmp_path):
     """train.memory_format=channels_last changes the layout, not the maths: the same losses as NCHW up to conv
-    rounding, contiguous weights on disk, and a bit-exact resume. The default is NCHW."""
+    rounding, contiguous weights on disk, and a resume that continues the same run. The default is NCHW. (Not
+    bit-exact across processes: oneDNN's NHWC convolutions differed by 1e-6 at step 1 between two identical runs on
+    a 2-core Xeon with AMX; the NCHW resume tests stay bit-exact.)"""
     nchw, nhwc, resumed = tmp_path / "nchw", tmp_path / "nhwc", tmp_path / "resumed"
     run_cli("train", "tokenizer", *TINY, "train.max_steps=6", "--run-dir", nchw, check=True)
     assert "memory_format: contiguous" in (nchw / "config.yaml").read_text()
@@ -128,9 +130,10 @@ def test_channels_last_trains_like_contiguous_and_resumes_exactly(tmp_path):
             check=True)
     run_cli("train", "tokenizer", *TINY, "train.max_steps=6", *last, "--run-dir", resumed, "--resume", "auto",
             check=True)
-    assert losses(resumed) == b
+    c = losses(resumed)
+    assert c.keys() == b.keys() and all(abs(c[s] - b[s]) < 1e-4 for s in b), (b, c)
     w, v = final_weights(nhwc), final_weights(resumed)
-    assert all(t.is_contiguous() and torch.equal(t, v[k]) for k, t in w.items())
+    assert all(t.is_contiguous() and torch.allclose(t, v[k], atol=1e-4) for k, t in w.items())
     assert maskgen.from_pretrained(nhwc).encode(torch.rand(2, 3, 32, 32)).shape == (2, 8, 8)
 
 
