@@ -1,9 +1,10 @@
-"""MAGE throughput and MFU on this machine: training steps (from cached tokens and from images) and MaskGIT
+"""MAGE (and MAE) throughput and MFU on this machine: training steps (from cached tokens and from images) and MaskGIT
 generation of the `mage-cifar10` preset model (ViT-S-like 6x384 encoder, 4x384 decoder, 8x8 tokens, 32 px; 64 codes
 since 2026-12-03, 512 in the BENCHMARKS.md rows of 2026-11-24) with a tokenizer built from the `tokenizer-cifar10`
 preset. Random weights: speed does not depend on them.
 
     python benchmarks/mage_throughput.py [--min-time 3] [--batch 64] [--gen-batch 16] [--skip-bf16] [--threads N]
+        [--mae PRESET:BATCH ...]
 
 What is measured, row by row:
 - matmul peak: GFLOP/s of a square matmul n x n @ n x n, in fp32 and bf16, both as `a @ b` and as `a @ b.T`
@@ -15,6 +16,8 @@ What is measured, row by row:
   source `images`: random 32 px images tokenized inside the step by the frozen tokenizer (as without a cache).
 - generate: the model's sampler (MaskGIT, 12 iterations) from scratch plus the tokenizer decode, at
   --gen-batch.
+- MAE train step (--mae PRESET:BATCH, default mae-cifar10:64 and mae-vitb-in224:8): one optimizer step of the
+  preset's MAE (75 % of the patches removed, norm-pix loss on the removed ones, AdamW) on random images.
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on one step of the same batch run in fp32
 (the count does not depend on the precision): matmuls, convolutions and attention (the CPU SDPA kernels are
 added to its table), no element-wise ops, embeddings, or optimizer arithmetic. The `FLOPs counted` column
@@ -42,7 +45,9 @@ from common import add_out_argument, report, timeit  # noqa: E402
 
 from maskgen.api import build_config  # noqa: E402
 from maskgen.engine.precision import autocast as autocast_for  # noqa: E402
+from maskgen.methods.mae import masked_mse  # noqa: E402
 from maskgen.methods.mage import MAGEMasking, MAGEObjective, mage_loss  # noqa: E402
+from maskgen.models.mae import MAE  # noqa: E402
 from maskgen.models.mage import MAGE  # noqa: E402
 from maskgen.models.vqgan import VQGAN  # noqa: E402
 from maskgen.sampling import sampler_for, samples_to_images  # noqa: E402
@@ -151,6 +156,21 @@ def gen_fn(mage: MAGE, batch: int, autocast, device):
     return run
 
 
+def mae_step_fn(mae: MAE, opt, batch: int, autocast, device):
+    """One MAE optimizer step on random images of the model's size (the paper's 0.75 masking)."""
+    x = torch.rand(batch, 3, mae.config.image_size, mae.config.image_size, device=device)
+
+    def step():
+        with autocast:
+            latent, mask, ids_restore, _ = mae.forward_encoder(x, 0.75)
+            loss = masked_mse(mae.forward_decoder(latent, ids_restore), mae.targets(x), mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def time_cell(fn, min_time: float, slow: bool, device) -> float:
     """Seconds per call: the median of >= 3 calls over min_time (1 warm-up), or one call after one warm-up."""
     if not slow:
@@ -240,6 +260,21 @@ def run(args) -> list[dict]:
             "MFU %": 100 * f_total / sec / 1e9 / peak[p],
             "FLOPs counted": f"MAGE fwd x{NUM_ITER} {f_gen / 1e9:.4g} + tokenizer decode {f_dec / 1e9:.3g}",
             "note": note})
+    # 5. MAE training steps, one preset at a time
+    for spec in args.mae:
+        preset, _, b = spec.partition(":")
+        mae = MAE(build_config("mae", preset).model).to(device).train()
+        opt = torch.optim.AdamW(mae.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        for p in precisions:
+            slow = p == "bf16" and slow_bf16
+            batch = args.bf16_slow_batch if slow else int(b or args.batch)
+            f = flops(("mae", preset, batch), mae_step_fn(mae, opt, batch, autocast_for("fp32", device), device))
+            sec = time_cell(mae_step_fn(mae, opt, batch, autocast_for(p, device), device), args.min_time, slow, device)
+            add(what=f"MAE train step ({preset})", precision=p, source="images", batch=batch, **{
+                "img/s": batch / sec, "GFLOP/step": f / 1e9, "achieved GFLOP/s": f / sec / 1e9,
+                "MFU %": 100 * f / sec / 1e9 / peak[p], "FLOPs counted": "MAE fwd+bwd",
+                "note": "emulated bf16: 1 call after 1 warm-up" if slow else ""})
+        del mae, opt
     return rows
 
 
@@ -258,6 +293,9 @@ def parse_args(argv=None):
                     help="tokenizer preset whose model config (codebook size set to the MAGE model's) is used "
                          "(default tokenizer-cifar10)")
     ap.add_argument("--matmul-size", type=int, default=0, help="fixed n of the matmul peak (default: auto)")
+    ap.add_argument("--mae", nargs="*", default=["mae-cifar10:64", "mae-vitb-in224:8"], metavar="PRESET:BATCH",
+                    help="MAE presets whose training step is timed, with their batch (default mae-cifar10:64 "
+                         "mae-vitb-in224:8; none: give the flag alone)")
     add_out_argument(ap, "mage_throughput")
     return ap.parse_args(argv)
 

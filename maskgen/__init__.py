@@ -1,5 +1,5 @@
-"""maskgen: masked generative encoders for representation learning and image generation (MAGE and MAGE-C today;
-MAE, MR-MAE and UMD are planned). Every CLI command is a function here; `from_pretrained(DIR)` returns a saved
+"""maskgen: masked generative encoders for representation learning and image generation (MAGE and MAGE-C, MAE and
+MR-MAE today; UMD is planned). Every CLI command is a function here; `from_pretrained(DIR)` returns a saved
 model.
 
 Attributes are loaded on first use, so that `import maskgen.models` (or any lower layer) does not import the
@@ -13,9 +13,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {"from_pretrained": "maskgen.models", "save_pretrained": "maskgen.models",
             **{name: "maskgen.api" for name in ("build_config", "train", "show_config", "list_presets", "convert",
-                                                "cache_tokens", "generate_images", "edit_image", "extract_features",
-                                                "compute_features", "train_linear_probe", "knn_classify",
-                                                "fewshot_eval", "evaluate_fid")},
+                                                "cache_tokens", "cache_teacher", "generate_images", "edit_image",
+                                                "reconstruct_image", "extract_features", "compute_features",
+                                                "train_linear_probe", "knn_classify", "fewshot_eval",
+                                                "evaluate_fid")},
             "run_demo": "maskgen.demo"}
 __all__ = [*_EXPORTS, "__version__"]
 

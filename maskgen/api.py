@@ -12,8 +12,10 @@ from . import methods  # noqa: F401  (registers the built-in methods)
 from . import sampling  # noqa: F401  (registers the built-in samplers)
 from .config import Config, config_to_yaml, list_presets, read_preset
 from .config import build_config as _build_config
+from .convert.mae import convert_mae
 from .convert.mage import convert_mage
 from .convert.vqgan import convert_vqgan
+from .data.teacher_cache import cache_teacher
 from .data.token_cache import cache_tokens
 from .engine.trainer import train as _train
 from .errors import ConfigError
@@ -23,6 +25,7 @@ from .eval.fid import evaluate_fid
 from .eval.knn import knn_classify
 from .eval.linear_probe import train_linear_probe
 from .generation import edit_image, generate_images
+from .reconstruction import reconstruct_image
 from .outputs import prepare_dir
 from .registry import METHODS
 
@@ -46,15 +49,16 @@ def show_config(preset: str, overrides: list[str] = ()) -> str:
     return config_to_yaml(build_config(method, preset, overrides))
 
 
-CONVERTERS = {"vqgan": convert_vqgan, "mage": convert_mage}
+CONVERTERS = {"vqgan": convert_vqgan, "mage": convert_mage, "mae": convert_mae}
 
 
-def convert(kind: str, src: str | Path, out: str | Path) -> Path:
-    """`maskgen convert KIND --src FILE --out DIR`: import an official checkpoint; returns DIR."""
+def convert(kind: str, src: str | Path, out: str | Path, **options) -> Path:
+    """`maskgen convert KIND --src FILE --out DIR`: import an official checkpoint; returns DIR. `options` go to the
+    converter (MAE: norm_pix_loss)."""
     prepare_dir(out, "output folder", create=False)
-    return CONVERTERS[kind](src, out)
+    return CONVERTERS[kind](src, out, **options)
 
 
-__all__ = ["build_config", "train", "show_config", "list_presets", "convert", "cache_tokens", "generate_images",
-           "edit_image", "extract_features", "compute_features", "train_linear_probe", "knn_classify", "fewshot_eval",
-           "evaluate_fid"]
+__all__ = ["build_config", "train", "show_config", "list_presets", "convert", "cache_tokens", "cache_teacher",
+           "generate_images", "edit_image", "reconstruct_image", "extract_features", "compute_features",
+           "train_linear_probe", "knn_classify", "fewshot_eval", "evaluate_fid"]

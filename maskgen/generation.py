@@ -70,10 +70,10 @@ def generate_images(ckpt: str | os.PathLike, out: str | os.PathLike, num_images:
     with progress_bar(total=num_images, unit="img", desc="generate", enabled=progress) as bar:
         for first, images in zip(range(0, num_images, batch_size), batches):
             for i, img in enumerate(images):
-                _save_png(img, out / f"{first + i:06d}.png")
+                save_png(img, out / f"{first + i:06d}.png")
             grid.extend(images[: max(0, 64 - len(grid))])
             bar.update(len(images))
-    _save_png(make_grid(torch.stack(grid), nrow=8), grid_file)
+    save_png(make_grid(torch.stack(grid), nrow=8), grid_file)
     return out
 
 
@@ -83,14 +83,14 @@ def grid_path(out: str | os.PathLike) -> Path:
     return out.parent / f"{out.name}-grid.png"
 
 
-def _save_png(image: torch.Tensor, path: Path) -> None:
+def save_png(image: torch.Tensor, path: Path) -> None:
     """[3, H, W] in [0, 1] -> PNG at `path`, complete or not at all."""
     with atomic_write(path) as tmp:
         save_image(image, tmp, format="png")
 
 
 # ------------------------------------------------------------------------------------------- editing
-def _load_image(path: str | os.PathLike, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def load_image(path: str | os.PathLike, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Image file -> ([3, size, size] in [0, 1], original (width, height))."""
     path = Path(path)
     if not path.is_file():
@@ -167,7 +167,7 @@ def edit_image(kind: str, ckpt: str | os.PathLike, image: str | os.PathLike, out
         raise UserError(f"{ckpt}: the '{model.model_name}' model with its {sampler.sampler_name} sampler cannot "
                         f"edit images")
     size = model.config.image_size
-    x, original_size = _load_image(image, size)
+    x, original_size = load_image(image, size)
     region = edit_region(kind, size, original_size, box, mask, pad)
     if kind == "outpaint":  # shrink the image into the kept centre
         keep = (~region).nonzero()
@@ -185,7 +185,7 @@ def edit_image(kind: str, ckpt: str | os.PathLike, image: str | os.PathLike, out
                                generator=per_image_generators(seed, 0, 1, device))
         result = samples_to_images(model, samples)[0]
     result = torch.where(region, result, x)
-    _save_png(result, out)
-    _save_png(make_grid(torch.stack([x, masked, result]), nrow=3, padding=2, pad_value=1.0),
+    save_png(result, out)
+    save_png(make_grid(torch.stack([x, masked, result]), nrow=3, padding=2, pad_value=1.0),
               out.with_name(out.stem + "_panel.png"))
     return out

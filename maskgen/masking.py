@@ -6,6 +6,7 @@
 - `token_masks`: which tokens are masked and which of those are dropped from the encoder, from one
   uniform-noise draw per row ranked by argsort (official: threshold on sorted noise plus a re-draw loop on
   ties; ranking gives the same distribution with exact counts and no loop).
+- `random_masking`: MAE's fixed-ratio masking that removes tokens from the sequence (argsort of noise).
 """
 from __future__ import annotations
 
@@ -109,3 +110,27 @@ def token_masks(batch: int, length: int, mask_ratio: float | torch.Tensor, drop_
     mask = rank < counts[:, None]
     drop_mask = rank < drop_count
     return drop_mask, mask
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None):
+    """MAE's per-sample random masking (official `random_masking`): x [B, L, D] -> (x_kept [B, K, D], mask
+    [B, L] float (0 = kept, 1 = removed), ids_restore [B, L] long, ids_keep [B, K] long), K = int(L x (1 - ratio)).
+
+    Each row keeps the K tokens of lowest `noise` [B, L] (default: uniform from `generator` or torch's global
+    RNG), in the order of increasing noise; `x_kept.gather` with ids_restore after padding to L undoes it."""
+    b, length, d = x.shape
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
+    keep = int(length * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(b, length, generator=generator, device=x.device)
+    elif tuple(noise.shape) != (b, length):
+        raise ValueError(f"noise must have shape [{b}, {length}], got {list(noise.shape)}")
+    ids_shuffle = noise.argsort(dim=1, stable=True)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    x_kept = x.gather(1, ids_keep[..., None].expand(b, keep, d))
+    mask = torch.ones(b, length, device=x.device)
+    mask[:, :keep] = 0
+    return x_kept, mask.gather(1, ids_restore), ids_restore, ids_keep

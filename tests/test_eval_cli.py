@@ -86,7 +86,7 @@ def test_errors_are_one_line(tokenizer_run, tmp_path, capsys):
     fails("eval", "fid", "--input1", flat, "--input2", tmp_path / "missing", match="image set not found")
     fails("eval", "fid", "--input1", flat, "--input2", flat, "--extractor", "inception", "--inception-weights",
           tmp_path / "w.pth", match="no such file")
-    fails("eval", "finetune", "--ckpt", tokenizer_run, "--data", "cifar10", match="needs a MAGE checkpoint")
+    fails("eval", "finetune", "--ckpt", tokenizer_run, "--data", "cifar10", match="needs a pre-trained encoder (MAGE, MAE)")
 
 
 def test_finetune_trains_and_resumes_exactly(mage_dir, tmp_path):

@@ -12,6 +12,7 @@ import os
 import sys
 
 from .. import api
+from ..data.teacher_cache import cache_teacher
 from ..data.token_cache import cache_tokens
 from ..demo import run_demo
 from ..distributed import check_device
@@ -97,6 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--seed", type=flag_type(int, min=0), default=0)
     ct.add_argument("--device", default="cpu", help="cpu or cuda")
 
+    cf = sub.add_parser("cache-teacher", help="pre-compute a frozen teacher's features of K views of a dataset "
+                                              "(MR-MAE)",
+                        description="Run a frozen teacher on K augmented views (view 0 = centre crop, the others "
+                                    "RandomResizedCrop) and their horizontal flips of every image of --data, and "
+                                    "store the views' pixels with the teacher's feature maps in one file. MR-MAE "
+                                    "trains from it with mrmae.teacher_caches=[FILE] instead of running the teacher "
+                                    "every step (on that finite set of crops). The file records the teacher and the "
+                                    "crop policy; a mismatch is refused.")
+    cf.add_argument("--teacher", required=True, help="efficientnet-lite0, a maskgen checkpoint folder (MAGE, MAE) or "
+                                                     "timm:MODEL@WEIGHTS_FILE")
+    cf.add_argument("--data", required=True, help="image folder, shards, 'cifar10' or 'mnist5k'")
+    cf.add_argument("--out", required=True, help="output file (.safetensors)")
+    cf.add_argument("--image-size", type=flag_type(int, min=8), required=True,
+                    help="image side the student sees (data.image_size), e.g. 32")
+    cf.add_argument("--teacher-image-size", type=flag_type(int, min=0), default=0,
+                    help="side a convolutional teacher reads (mrmae.teacher_image_size; 0: its own)")
+    cf.add_argument("--views", type=flag_type(int, min=1), default=1, help="augmented views per image (default 1: "
+                                                                           "the centre view and its flip)")
+    cf.add_argument("--split", default="train", help="split of a named dataset (default train)")
+    cf.add_argument("--crop-scale", type=flag_type(float, gt=0.0, max=1.0), nargs=2, default=(0.2, 1.0),
+                    metavar=("MIN", "MAX"), help="RandomResizedCrop area range of views 1..K-1 (default 0.2 1.0)")
+    cf.add_argument("--batch-size", type=flag_type(int, min=1), default=64, help="views per teacher batch")
+    cf.add_argument("--seed", type=flag_type(int, min=0), default=0)
+    cf.add_argument("--device", default="cpu", help="cpu or cuda")
+
     gen = sub.add_parser("generate", help="generate images with a generative model (MAGE: iterative decoding)",
                          description="Generate images from scratch with the sampler the model declares (MAGE: "
                                      "every token starts masked and is filled in num-iter MaskGIT steps, cosine "
@@ -135,10 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", required=True, help="image folder, shards, 'cifar10' or 'mnist5k'")
     ft.add_argument("--out", required=True, help="output .safetensors file")
     ft.add_argument("--split", default="train")
-    ft.add_argument("--pool", default="mean", choices=("mean", "cls"),
-                    help="mean: LayerNorm of the mean image-token output (official linear probe); cls: [C] token")
+    ft.add_argument("--pool", choices=("mean", "cls"),
+                    help="mean: LayerNorm of the mean image-token output (MAGE's official linear probe); cls: the "
+                         "class token ([C0] of MAGE, [CLS] of MAE's official probe). Default: the model's official one")
     ft.add_argument("--layer", type=flag_type(int, min=1),
-                    help="features of this encoder block (1 = the first; default: the last); ViT encoders (MAGE) only")
+                    help="features of this encoder block (1 = the first; default: the last); ViT encoders (MAGE, MAE) only")
     ft.add_argument("--batch-size", type=flag_type(int, min=1), default=64)
     ft.add_argument("--limit", type=flag_type(int, min=0), default=0, help="a fixed random subset of N images (0: all)")
     ft.add_argument("--image-size", type=flag_type(int, min=8),
@@ -159,6 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
                                       "maskgen.from_pretrained(DIR) returns MAGE with its tokenizer attached.")
     mg.add_argument("--src", required=True, help="official .pth file")
     mg.add_argument("--out", required=True, help="output weights folder")
+    ma = cvsub.add_parser("mae", help="an official MAE checkpoint: the encoder-only release or the full model with "
+                                      "its decoder",
+                          description="Convert an official MAE checkpoint (facebookresearch/mae, checkpoint['model']) "
+                                      "into DIR: the encoder-only release (mae_pretrain_vit_*.pth) gives an encoder "
+                                      "for features and probes, the full files (*_full.pth, mae_visualize_*.pth) the "
+                                      "whole MAE, which `maskgen reconstruct` uses.")
+    ma.add_argument("--src", required=True, help="official .pth file")
+    ma.add_argument("--out", required=True, help="output weights folder")
+    ma.add_argument("--target", choices=("norm-pix", "pixels"), default="norm-pix",
+                    help="what the decoder predicts: norm-pix (the pre-training releases, default) or pixels (the "
+                         "mae_visualize_* files); only the reconstruction's un-normalisation depends on it")
+
+    rc = sub.add_parser("reconstruct", help="mask an image and reconstruct it (MAE)",
+                        description="Resize the image to the model's resolution, remove --mask-ratio of its patches "
+                                    "at random (seeded), reconstruct them and write a panel: input | masked input | "
+                                    "reconstruction | reconstruction with the visible patches pasted back. With a "
+                                    "norm-pix model each predicted patch is un-normalised with the mean and std of "
+                                    "the same input patch, as the official visualisation does.")
+    rc.add_argument("--ckpt", required=True, help="weights / checkpoint / run directory of a model with a decoder "
+                                                  "(MAE)")
+    rc.add_argument("--image", required=True, help="input image file")
+    rc.add_argument("--out", required=True, help="output PNG file (the panel)")
+    rc.add_argument("--mask-ratio", type=flag_type(float, min=0.0, lt=1.0), default=0.75,
+                    help="fraction of the patches removed (default 0.75)")
+    rc.add_argument("--seed", type=flag_type(int, min=0), default=0, help="seed of the random mask (default 0)")
+    rc.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
     add_eval_parser(sub)
@@ -203,6 +256,12 @@ def run(args: argparse.Namespace) -> int:
                            split=args.split, crop_scale=tuple(args.crop_scale), batch_size=args.batch_size,
                            seed=args.seed, device=args.device)
         print(f"wrote {out}")
+    elif args.command == "cache-teacher":
+        out = cache_teacher(args.teacher, args.data, args.out, image_size=args.image_size, views=args.views,
+                            teacher_image_size=args.teacher_image_size, split=args.split,
+                            crop_scale=tuple(args.crop_scale), batch_size=args.batch_size, seed=args.seed,
+                            device=args.device)
+        print(f"wrote {out}")
     elif args.command == "generate":
         out = generate_images(args.ckpt, args.out, args.num_images, args.seed, args.batch_size, args.device,
                               **sampler_options_from_args(args))
@@ -216,7 +275,11 @@ def run(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, limit=args.limit, device=args.device, layer=args.layer)
         print(f"wrote {out}")
     elif args.command == "convert":
-        out = api.convert(args.convert_command, args.src, args.out)
+        options = {"norm_pix_loss": args.target == "norm-pix"} if args.convert_command == "mae" else {}
+        out = api.convert(args.convert_command, args.src, args.out, **options)
+        print(f"wrote {out}")
+    elif args.command == "reconstruct":
+        out = api.reconstruct_image(args.ckpt, args.image, args.out, args.mask_ratio, args.seed, args.device)
         print(f"wrote {out}")
     elif args.command == "demo":
         run_demo(args.run_dir, args.max_steps, args.num_images, args.device)

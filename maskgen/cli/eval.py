@@ -16,7 +16,7 @@ from .. import api, distributed
 from ..data.sources import has_split
 from ..engine.optim import scaled_lr
 from ..errors import UserError
-from ..eval.features import PIXELS, cached_features, load_encoder, require_labels
+from ..eval.features import PIXELS, cached_features, default_pool, load_encoder, require_labels
 from ..eval.fewshot import fewshot_eval
 from ..eval.fid import evaluate_fid
 from ..eval.image_sets import is_checkpoint
@@ -26,6 +26,7 @@ from ..eval.report import format_table, write_json
 from ..methods.finetune import RESULT_FILE
 from ..options import flag_type
 from ..outputs import prepare_file
+from ..registry import MODELS
 from ..sampling import add_sampler_arguments, sampler_options_from_args
 from ..weights import read_model_config, resolve_weights_dir
 
@@ -33,7 +34,7 @@ DATA_HELP = "image folder (class sub-folders), WebDataset shards, 'cifar10' or '
 
 
 def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
-    p.add_argument("--ckpt", required=True, help="MAGE or tokenizer weights / checkpoint / run directory, or "
+    p.add_argument("--ckpt", required=True, help="MAGE, MAE or tokenizer weights / checkpoint / run directory, or "
                                                  "'pixels': the raw pixels of --image-size images (default 32), the "
                                                  "baseline any encoder must beat")
     p.add_argument("--untrained", action="store_true",
@@ -46,12 +47,13 @@ def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
                                        "without splits)")
     p.add_argument("--test-split", help="split of the test data (default: 'test'; all of a --test-data without "
                                         "splits)")
-    p.add_argument("--pool", default="mean", choices=("mean", "cls"),
+    p.add_argument("--pool", choices=("mean", "cls"),
                    help="mean: parameter-free LayerNorm of the mean token output (MAGE official; the tokenizer: "
-                        "mean latent); cls: the [C0] token")
+                        "mean latent); cls: the class token ([C0] of MAGE, [CLS] of MAE). Default: the model's "
+                        "official probe pooling (MAGE mean, MAE cls)")
     p.add_argument("--layer", type=flag_type(int, min=1),
                    help="features of this encoder block (1 = the first; default: the last), pooled as --pool; "
-                        "ViT encoders (MAGE) only")
+                        "ViT encoders (MAGE, MAE) only")
     p.add_argument("--image-size", type=flag_type(int, min=8),
                    help="image side fed to the model (default: the model's)")
     p.add_argument("--limit", type=flag_type(int, min=0), default=0,
@@ -109,13 +111,13 @@ def add_eval_parser(subparsers) -> None:
     fs.add_argument("--seeds", type=flag_type(int, min=0), nargs="+", default=[0, 1, 2])
     fs.add_argument("--l2", type=flag_type(float, min=0.0), default=1024.0, help="ridge penalty (UMD: 1024)")
 
-    ft = sub.add_parser("finetune", help="fine-tune a MAGE encoder end to end (training method 'finetune')",
+    ft = sub.add_parser("finetune", help="fine-tune a MAGE or MAE encoder end to end (training method 'finetune')",
                         description="Fine-tune --ckpt on --data with layer-wise lr decay, drop path, label "
                                     "smoothing and optional mixup/cutmix/RandAugment, through the training engine "
                                     "(checkpoints, --resume auto, torchrun). The test set is evaluated at the end.",
                         epilog="Every key of the 'finetune' method can be overridden: `maskgen config show "
                                "finetune-tiny` lists them (model.layer_decay, model.drop_path, finetune.mixup, ...).")
-    ft.add_argument("--ckpt", required=True, help="pre-trained MAGE weights / checkpoint / run directory")
+    ft.add_argument("--ckpt", required=True, help="pre-trained MAGE or MAE weights / checkpoint / run directory")
     ft.add_argument("--data", required=True, help=f"training data: {DATA_HELP}")
     ft.add_argument("--split", default="train")
     ft.add_argument("--test-data", help="evaluation data (default: --data with --test-split for named sets)")
@@ -205,6 +207,7 @@ def _feature_eval(args) -> int:
     json_path = prepare_file(args.json or _default_json(args), "result file")
     model = load_encoder(args.ckpt, args.device, untrained=args.untrained, seed=args.seed, image_size=args.image_size,
                          layer=args.layer)
+    args.pool = args.pool or default_pool(model)
     common = dict(pool=args.pool, image_size=args.image_size, batch_size=args.feature_batch_size, device=args.device)
     test_x, test_y = cached_features(args.ckpt, model, test_data, test_split, args.feature_cache,
                                      limit=args.test_limit, **common)
@@ -256,8 +259,9 @@ def _finetune(args) -> int:
     if args.json:
         prepare_file(args.json, "result file")
     meta = read_model_config(resolve_weights_dir(args.ckpt))
-    if meta.get("model") != "mage":
-        raise UserError(f"{args.ckpt} holds a '{meta.get('model')}' model: fine-tuning needs a MAGE checkpoint")
+    if not callable(getattr(MODELS.get(str(meta.get("model"))), "as_classifier", None)):
+        raise UserError(f"{args.ckpt} holds a '{meta.get('model')}' model: fine-tuning needs a pre-trained encoder "
+                        f"(MAGE, MAE)")
     overrides = [f"model.pretrained={args.ckpt}", f"data.path={args.data}", f"data.split={args.split}",
                  f"data.image_size={meta['config']['image_size']}", f"finetune.eval_data={test_data}",
                  f"finetune.eval_split={test_split}", *args.overrides]

@@ -85,7 +85,7 @@ def _validate(tokenizer: nn.Module, views: int, image_size: int, crop_scale, int
         raise UserError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
 
 
-def _views(img, index: int, views: int, centre: EvalTransform, crop: PretrainTransform, seed: int) -> torch.Tensor:
+def augmented_views(img, index: int, views: int, centre: EvalTransform, crop: PretrainTransform, seed: int) -> torch.Tensor:
     """One image -> its views [K, 2, 3, S, S] in [0, 1]: view 0 the centre view, then random crops; [:, 1] mirrored."""
     out = [centre(img)]
     for v in range(1, views):
@@ -126,7 +126,7 @@ def write_token_cache(tokenizer: nn.Module, source, out: str | os.PathLike, view
                     skipped += 1
                     log.warning("skipped unreadable image %s (%s) [%d skipped so far]", sample.name, e, skipped)
                     continue
-                chunk.append(_views(img, i, views, centre, crop, seed))
+                chunk.append(augmented_views(img, i, views, centre, crop, seed))
                 chunk_labels.append(sample.label)
                 chunk_index.append(i)
             bar.update(min(images_per_chunk, n - start))

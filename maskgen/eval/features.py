@@ -82,12 +82,17 @@ def _truncate(model: nn.Module, layer: int, ckpt) -> None:
     last layer is the model as it is (its cached features are shared with runs without --layer)."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
-        raise UserError(f"--layer applies to ViT encoders (MAGE); {ckpt} holds a '{model.model_name}' model")
+        raise UserError(f"--layer applies to ViT encoders (MAGE, MAE); {ckpt} holds a '{model.model_name}' model")
     if not 1 <= layer <= len(blocks):
         raise UserError(f"--layer must be between 1 and {len(blocks)} (the encoder's depth), got {layer}")
     if layer < len(blocks):
         model.blocks = blocks[:layer]
         model.weights_id["layer"] = layer
+
+
+def default_pool(model: nn.Module) -> str:
+    """The pooling of `model`'s official linear probe: its `default_pool` ("cls" for MAE), else "mean"."""
+    return getattr(model, "default_pool", "mean")
 
 
 def model_image_size(model: nn.Module, image_size: int | None) -> int:
@@ -169,13 +174,15 @@ def _warn_skipped(skipped: int, data: str) -> None:
 
 
 def extract_features(ckpt: str | os.PathLike, data: str, out: str | os.PathLike, split: str = "train",
-                     pool: str = "mean", image_size: int | None = None, batch_size: int = 64, limit: int = 0,
+                     pool: str | None = None, image_size: int | None = None, batch_size: int = 64, limit: int = 0,
                      device: str = "cpu", progress: bool = True, layer: int | None = None) -> Path:
     """`maskgen features`: features of every image of `data` (see `compute_features`) into a safetensors file
     with `features` float32 [N, D] and `labels` int64 [N] (-1 = unlabeled); its metadata holds the number of
-    unreadable images skipped. `layer`: features of that encoder block (see `load_encoder`)."""
+    unreadable images skipped. `layer`: features of that encoder block (see `load_encoder`); `pool` None: the
+    model's `default_pool`."""
     out = prepare_file(out, "features file")
     model = load_encoder(ckpt, device, layer=layer)
+    pool = pool or default_pool(model)
     feats, labels, skipped = _features(model, data, split, pool=pool, image_size=image_size, batch_size=batch_size,
                                        limit=limit, device=device, progress=progress)
     with atomic_write(out) as tmp:

@@ -1,19 +1,22 @@
-"""End-to-end fine-tuning of a pre-trained MAGE encoder (official `main_finetune.py`), as the training method
+"""End-to-end fine-tuning of a pre-trained encoder (MAGE, MAE: official `main_finetune.py`), as the training method
 `finetune` of the engine: checkpoints, `--resume auto`, torchrun/DDP and logging come from there.
 
 Per step: images (RandomResizedCrop + flip from `data`, then optional RandAugment) -> optional mixup / cutmix
 (timm's batch mode: one lambda per batch, cutmix or mixup chosen with `switch_prob`) -> soft-target
 cross-entropy with label smoothing. AdamW with layer-wise lr decay: parameter group of layer i gets
-lr x layer_decay^(depth + 1 - i) (token_emb 0, blocks.i i+1, norms and head depth+1); 1-D parameters get no
-weight decay. The periodic / final hook evaluates top-1/top-5 on `finetune.eval_data` (centre crop) and writes
+lr x layer_decay^(depth + 1 - i) (embeddings 0, blocks.i i+1, norms and head depth+1); 1-D parameters get no
+weight decay. The pre-trained model builds its classifier (`as_classifier(num_classes, drop_path, pool)`: MAGE ->
+`MAGEClassifier`, MAE -> `MAEClassifier`), which gives `layer_id(name)` and `num_layers`. The periodic / final hook evaluates top-1/top-5 on `finetune.eval_data` (centre crop) and writes
 `eval/finetune.json` in the run directory.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.transforms import v2
 
 from ..data.sources import open_source
@@ -23,7 +26,6 @@ from ..eval.features import compute_features
 from ..eval.linear_probe import topk_accuracy
 from ..eval.report import write_json
 from ..models import from_pretrained
-from ..models.classifier import MAGEClassifier, check_compatible
 from ..options import Options, option
 from ..registry import METHODS
 
@@ -32,9 +34,10 @@ RESULT_FILE = "eval/finetune.json"
 
 @dataclass
 class FinetuneModelConfig(Options):
-    pretrained: str = option("", "pre-trained MAGE weights / checkpoint / run directory (with its tokenizer)")
+    pretrained: str = option("", "pre-trained MAGE (with its tokenizer) or MAE weights / checkpoint / run directory")
     num_classes: int = option(0, "classes of the head (0: from the training data's labels)", min=0)
-    pool: str = option("mean", "mean: fc_norm of the mean image-token output (official); cls: norm of [C0]",
+    pool: str = option("mean", "mean: fc_norm of the mean image-token output (official); cls: norm of the class "
+                               "token",
                        choices=("mean", "cls"))
     drop_path: float = option(0.1, "stochastic depth rate of the last block (official: B 0.1, L 0.2)", min=0.0,
                               max=0.9)
@@ -91,31 +94,34 @@ def num_classes_of(data: str, split: str) -> int:
 
 
 @METHODS.register("finetune", model=FinetuneModelConfig, options=FinetuneObjective,
-                  summary="end-to-end fine-tuning of a MAGE encoder + linear head (layer-wise lr decay, mixup/cutmix)")
+                  summary="end-to-end fine-tuning of a MAGE or MAE encoder + linear head (layer-wise lr decay, "
+                          "mixup/cutmix)")
 class FinetuneMethod(Method):
     def __init__(self, cfg):
         super().__init__()
         m = cfg.model
         if not m.pretrained:
-            raise ConfigError("model.pretrained is required: the MAGE checkpoint to fine-tune (--ckpt)")
-        mage = from_pretrained(m.pretrained)
-        check_compatible(mage)
-        if cfg.data.image_size != mage.config.image_size:
-            raise ConfigError(f"data.image_size={cfg.data.image_size} but the MAGE model takes "
-                              f"{mage.config.image_size}x{mage.config.image_size} images")
+            raise ConfigError("model.pretrained is required: the pre-trained checkpoint to fine-tune (--ckpt)")
+        pre = from_pretrained(m.pretrained)
+        if not callable(getattr(pre, "as_classifier", None)):
+            raise UserError(f"{m.pretrained} holds a '{pre.model_name}' model: fine-tuning needs a pre-trained "
+                            f"encoder (MAGE, MAE)")
+        if cfg.data.image_size != pre.config.image_size:
+            raise ConfigError(f"data.image_size={cfg.data.image_size} but the {pre.model_name} model takes "
+                              f"{pre.config.image_size}x{pre.config.image_size} images")
         num_classes = m.num_classes or num_classes_of(cfg.data.path, cfg.data.split)
-        self.classifier = MAGEClassifier.from_mage(mage, num_classes, m.drop_path, m.pool)
+        self.classifier = pre.as_classifier(num_classes, m.drop_path, m.pool)
         self.layer_decay, self.loss_cfg = m.layer_decay, cfg.objective
         self.randaugment = None
         if cfg.objective.randaugment:
             self.randaugment = v2.RandAugment(cfg.objective.ra_num_ops, cfg.objective.ra_magnitude)
 
-    def release_model(self) -> MAGEClassifier:
+    def release_model(self) -> nn.Module:
         return self.classifier
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """One group per (layer, decayed?) with lr_scale = layer_decay^(depth + 1 - layer)."""
-        top = self.classifier.mage_config.depth + 1
+        top = self.classifier.num_layers
         groups: dict = {}
         for name, p in self.classifier.named_parameters():
             if not p.requires_grad:
@@ -152,15 +158,16 @@ class FinetuneMethod(Method):
 class _LogitsView(torch.nn.Module):
     """Presents a classifier's logits as `forward_features`, so `compute_features` can run it on a dataset."""
 
-    def __init__(self, classifier: MAGEClassifier):
+    def __init__(self, classifier: nn.Module):
         super().__init__()
-        self.classifier, self.config, self.model_name = classifier, classifier.mage_config, "mage-classifier"
+        self.classifier, self.model_name = classifier, classifier.model_name
+        self.config = SimpleNamespace(image_size=classifier.image_size)
 
     def forward_features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
         return self.classifier(images)
 
 
-def evaluate_classifier(classifier: MAGEClassifier, data: str, split: str, limit: int = 0, device="cpu",
+def evaluate_classifier(classifier: nn.Module, data: str, split: str, limit: int = 0, device="cpu",
                         progress: bool = False) -> dict:
     """Top-1 / top-5 (percent) of `classifier` on `data` (centre crop)."""
     was_training = classifier.training

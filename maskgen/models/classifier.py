@@ -55,6 +55,11 @@ class MAGEClassifier(FrozenTokenizerMixin, nn.Module):
     def image_size(self) -> int:
         return self.mage_config.image_size
 
+    @property
+    def num_layers(self) -> int:
+        """The top layer id of `layer_id` (depth + 1)."""
+        return self.mage_config.depth + 1
+
     @classmethod
     def from_mage(cls, mage: MAGE, num_classes: int, drop_path: float = 0.1, pool: str = "mean") -> "MAGEClassifier":
         """A classifier whose encoder (token_emb, blocks, norm) and tokenizer are those of `mage`."""
@@ -100,12 +105,3 @@ class MAGEClassifier(FrozenTokenizerMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] (or tokens) -> logits [B, num_classes]."""
         return self.head(self.forward_features(x))
-
-
-def check_compatible(mage: MAGE) -> None:
-    if not isinstance(mage, MAGE):
-        raise UserError(f"fine-tuning needs a MAGE checkpoint, got a '{getattr(mage, 'model_name', '?')}' model")
-    if mage.tokenizer is None:
-        raise UserError("the MAGE checkpoint has no tokenizer/ folder, so images cannot be tokenized")
-
-

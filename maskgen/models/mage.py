@@ -310,6 +310,15 @@ class MAGE(FrozenTokenizerMixin, nn.Module):
         tokens = tokens.masked_fill(mask, 0)
         return self(tokens, mask)[:, 1:, : self.config.codebook_size].float()
 
+    # ---------------------------------------------------------------------------------- fine-tuning
+    def as_classifier(self, num_classes: int, drop_path: float = 0.1, pool: str = "mean") -> nn.Module:
+        """This encoder (and tokenizer) + a new linear head, for `maskgen eval finetune` (`MAGEClassifier`)."""
+        from .classifier import MAGEClassifier
+
+        if self.tokenizer is None:
+            raise UserError("the MAGE checkpoint has no tokenizer/ folder, so images cannot be tokenized")
+        return MAGEClassifier.from_mage(self, num_classes, drop_path, pool)
+
     # ---------------------------------------------------------------------------------- features
     def forward_features(self, x: torch.Tensor, pool: str = "mean") -> torch.Tensor:
         """Downstream features: images [B, 3, H, W] in [0, 1] (tokenized) or tokens [B, L] / [B, h, w].

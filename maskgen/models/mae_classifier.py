@@ -1,0 +1,86 @@
+"""The fine-tuning model of MAE: its encoder + a classification head (the official `models_vit.VisionTransformer`).
+
+images [B, 3, S, S] in [0, 1] -> the pre-trained MAE encoder (`encoder`, an MAE without decoder; nothing masked;
+stochastic depth rising linearly to `drop_path`) -> pool ("mean": fc_norm(mean of the patch outputs), a NEW
+trainable LayerNorm(1e-6), the pre-trained final norm unused, as with the official `global_pool`; "cls": the
+pre-trained norm of the [CLS] output) -> Linear head [B, num_classes] (trunc_normal std 2e-5, bias 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from ..options import Options, option
+from ..registry import MODELS
+from .mae import MAE, MAEConfig
+
+
+@dataclass
+class MAEClassifierConfig(Options):
+    encoder: dict = option({}, "the pre-trained MAEConfig, as a dict")
+    num_classes: int = option(10, "classes of the head", min=1)
+    drop_path: float = option(0.1, "stochastic depth rate of the last block", min=0.0, lt=1.0)
+    pool: str = option("mean", "mean: fc_norm of the mean patch output (official global_pool); cls: norm of [CLS]",
+                       choices=("mean", "cls"))
+
+
+@MODELS.register("mae-classifier", config=MAEClassifierConfig)
+class MAEClassifier(nn.Module):
+    def __init__(self, config: MAEClassifierConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = MAE(MAEConfig(**{**config.encoder, "decoder_depth": 0}))
+        depth = len(self.encoder.blocks)
+        for blk, rate in zip(self.encoder.blocks, torch.linspace(0, config.drop_path, depth).tolist()):
+            blk.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
+        dim = self.encoder.config.embed_dim
+        if config.pool == "mean":  # only the pooling's norm takes part, so that every parameter gets a gradient (DDP)
+            self.encoder.norm = nn.Identity()
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if config.pool == "mean" else None
+        self.head = nn.Linear(dim, config.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def image_size(self) -> int:
+        return self.encoder.config.image_size
+
+    @property
+    def num_layers(self) -> int:
+        """The top layer id of `layer_id` (depth + 1)."""
+        return len(self.encoder.blocks) + 1
+
+    @classmethod
+    def from_mae(cls, mae: MAE, num_classes: int, drop_path: float = 0.1, pool: str = "mean") -> "MAEClassifier":
+        """A classifier whose encoder is `mae`'s (patch embedding, [CLS], position table, blocks, norm)."""
+        model = cls(MAEClassifierConfig(dataclasses.asdict(mae.config), num_classes, drop_path, pool))
+        own = model.encoder.state_dict()
+        model.encoder.load_state_dict({k: v for k, v in mae.state_dict().items() if k in own}, strict=True)
+        return model
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay index (official `get_layer_id_for_vit`): patch_embed, cls_token 0, blocks.i i+1, the
+        rest (norms, head) depth+1."""
+        if name.startswith(("encoder.patch_embed.", "encoder.cls_token", "encoder.pos_embed")):
+            return 0
+        if name.startswith("encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        return self.num_layers
+
+    def forward_features(self, images: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """images [B, 3, S, S] in [0, 1] -> pooled features [B, D]; `pool` must be the fine-tuned one (None: it)."""
+        pool = pool or self.config.pool
+        if pool != self.config.pool:
+            raise ValueError(f"this classifier was fine-tuned with pool '{self.config.pool}', not '{pool}'")
+        x = self.encoder._with_cls(self.encoder.embed(images))
+        for blk in self.encoder.blocks:
+            x = blk(x)
+        return self.fc_norm(x[:, 1:].mean(1)) if pool == "mean" else self.encoder.norm(x)[:, 0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] -> logits [B, num_classes]."""
+        return self.head(self.forward_features(images))
