@@ -4,7 +4,7 @@ since 2026-12-03, 512 in the BENCHMARKS.md rows of 2026-11-24) with a tokenizer 
 preset. Random weights: speed does not depend on them.
 
     python benchmarks/mage_throughput.py [--min-time 3] [--batch 64] [--gen-batch 16] [--skip-bf16] [--threads N]
-        [--mae PRESET:BATCH ...]
+        [--mae PRESET:BATCH ...] [--skip-mage]
 
 What is measured, row by row:
 - matmul peak: GFLOP/s of a square matmul n x n @ n x n, in fp32 and bf16, both as `a @ b` and as `a @ b.T`
@@ -215,9 +215,6 @@ def run(args) -> list[dict]:
               f"one call after one warm-up call at batch {args.bf16_slow_batch} instead of --min-time at full batch",
               file=sys.stderr)
 
-    cfg, mage = build_models(args, device)
-    tok = mage.tokenizer
-    opt = torch.optim.AdamW(mage.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
     flops_cache: dict = {}
 
     def flops(key, fn):
@@ -225,7 +222,11 @@ def run(args) -> list[dict]:
             flops_cache[key] = count_flops(fn)
         return flops_cache[key]
 
-    for p in precisions:
+    if not args.skip_mage:
+        cfg, mage = build_models(args, device)
+        tok = mage.tokenizer
+        opt = torch.optim.AdamW(mage.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    for p in precisions if not args.skip_mage else ():
         slow = p == "bf16" and slow_bf16
         autocast = autocast_for(p, device)
         note = (f"emulated bf16 (peak {peak['bf16'] / peak['fp32']:.2g}x fp32): 1 call after 1 warm-up, "
@@ -284,6 +285,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=64, help="training batch size (default 64)")
     ap.add_argument("--gen-batch", type=int, default=16, help="images generated per call (default 16)")
     ap.add_argument("--skip-bf16", action="store_true", help="skip every bf16 row")
+    ap.add_argument("--skip-mage", action="store_true", help="skip the MAGE rows (matmul peaks and MAE rows only)")
     ap.add_argument("--bf16-slow-batch", type=int, default=2,
                     help="batch (training and generation) of the single-call bf16 cells where bf16 is emulated "
                          "(bf16 peak < 1/2 of fp32; default 2)")

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..weights import safe_torch_load
 
 
 def first_keys(keys: list[str], n: int = 3) -> str:
@@ -36,3 +37,19 @@ def tensor_shape(sd: dict, key: str, ndim: int, what: str) -> tuple[int, ...]:
     if sd[key].dim() != ndim:
         raise UserError(f"tensor '{key}' has shape {list(sd[key].shape)}, expected {ndim} dimensions")
     return tuple(sd[key].shape)
+
+
+def read_state_dict(src, required_key: str, what: str) -> dict[str, torch.Tensor]:
+    """The state dict of an official checkpoint file: `checkpoint['model']`, or the file itself when it is a bare
+    state dict (read without unpickling code). It must hold only tensors and `required_key` (else a UserError
+    saying the file is not `what`)."""
+    obj = safe_torch_load(src)
+    if not isinstance(obj, dict):
+        raise UserError(f"{src}: expected a dict of tensors, got {type(obj).__name__}")
+    sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    not_tensors = [str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"{src}: not {what}, these entries are not tensors: {first_keys(not_tensors)}")
+    if required_key not in sd:
+        raise UserError(f"{src}: missing tensor '{required_key}': not {what}")
+    return sd

@@ -26,8 +26,7 @@ import torch
 from ..errors import ConfigError, UserError
 from ..models import save_pretrained
 from ..models.mae import MAE, MAEConfig
-from ..weights import safe_torch_load
-from .common import check_state_dict, first_keys, tensor_shape
+from .common import check_state_dict, read_state_dict, tensor_shape
 
 ENCODER_HEADS = {768: 12, 1024: 16, 1280: 16}
 DECODER_HEADS = 16
@@ -36,16 +35,7 @@ DROPPED_PREFIXES = ("head.", "fc_norm.")  # a fine-tuning head beside the encode
 
 def read_checkpoint(src: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The official state dict: `checkpoint['model']`, or the file itself when it is a bare state dict."""
-    obj = safe_torch_load(src)
-    if not isinstance(obj, dict):
-        raise UserError(f"{src}: expected a dict of tensors, got {type(obj).__name__}")
-    sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
-    not_tensors = [str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise UserError(f"{src}: not an MAE checkpoint, these entries are not tensors: {first_keys(not_tensors)}")
-    if "patch_embed.proj.weight" not in sd:
-        raise UserError(f"{src}: missing tensor 'patch_embed.proj.weight': not an MAE checkpoint")
-    return sd
+    return read_state_dict(src, "patch_embed.proj.weight", "an MAE checkpoint")
 
 
 def _count(sd: dict, fmt: str) -> int:

@@ -24,8 +24,7 @@ from ..errors import ConfigError, UserError
 from ..models.mage import MAGE, MAGEConfig
 from ..models.vqgan import VQGAN
 from ..models import save_pretrained
-from ..weights import safe_torch_load
-from .common import check_state_dict, first_keys, tensor_shape
+from .common import check_state_dict, read_state_dict, tensor_shape
 from .vqgan import MAGE_PREFIX, infer_config
 
 # Tensors the official `models_mage.py` creates but its forward never reads: exact names or prefixes.
@@ -45,16 +44,7 @@ def is_dropped(key: str) -> bool:
 
 def read_checkpoint(src: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The official state dict: `checkpoint['model']`, or the file itself when it is a bare state dict."""
-    obj = safe_torch_load(src)
-    if not isinstance(obj, dict):
-        raise UserError(f"{src}: expected a dict of tensors, got {type(obj).__name__}")
-    sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
-    not_tensors = [str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise UserError(f"{src}: not a MAGE checkpoint, these entries are not tensors: {first_keys(not_tensors)}")
-    if "token_emb.word_embeddings.weight" not in sd:
-        raise UserError(f"{src}: missing tensor 'token_emb.word_embeddings.weight': not a MAGE checkpoint")
-    return sd
+    return read_state_dict(src, "token_emb.word_embeddings.weight", "a MAGE checkpoint")
 
 
 def split_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, list[str]]:

@@ -27,12 +27,9 @@ from safetensors.torch import save_file
 from ..errors import UserError
 from ..models.teachers import Teacher, load_teacher
 from ..outputs import atomic_write, check_free_space, prepare_file
-from ..progress import progress_bar
 from ..seeding import mix_seed
-from .decode import BadImage, decode_image
 from .sources import open_source
-from .token_cache import RATIO, augmented_views, transform_description
-from .transforms import EvalTransform, PretrainTransform
+from .token_cache import ViewChunks, transform_description
 
 log = logging.getLogger("maskgen")
 
@@ -47,8 +44,6 @@ def write_teacher_cache(teacher: Teacher, source, out: str | os.PathLike, views:
     atomically. `batch_size` counts teacher inputs (views). Returns `out`."""
     if views < 1 or batch_size < 1:
         raise UserError(f"views and batch size must be >= 1, got {views} and {batch_size}")
-    centre = EvalTransform(image_size, interpolation=interpolation)
-    crop = PretrainTransform(image_size, crop_scale, RATIO, interpolation, hflip=False)
     teacher = teacher.to(device)
     with torch.no_grad():
         c, h, w = teacher(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:]
@@ -59,35 +54,20 @@ def write_teacher_cache(teacher: Teacher, source, out: str | os.PathLike, views:
     source_index = torch.empty(n, dtype=torch.int64)
     out = prepare_file(out, "teacher cache")
     check_free_space(out.parent, images.numel() + 2 * features.numel() + 16 * n + 65536, "the teacher cache")
-    per_chunk = max(1, batch_size // (2 * views))
-    rows, skipped = 0, 0
-    with torch.no_grad(), progress_bar(total=n, unit="img", desc="cache-teacher", enabled=progress) as bar:
-        for start in range(0, n, per_chunk):
-            chunk, chunk_labels, chunk_index = [], [], []
-            for i in range(start, min(start + per_chunk, n)):
-                sample = source[i]
-                try:
-                    img = decode_image(sample.data) if isinstance(sample.data, bytes) else sample.data
-                except BadImage as e:
-                    skipped += 1
-                    log.warning("skipped unreadable image %s (%s) [%d skipped so far]", sample.name, e, skipped)
-                    continue
-                chunk.append(augmented_views(img, i, views, centre, crop, seed))
-                chunk_labels.append(sample.label)
-                chunk_index.append(i)
-            bar.update(min(per_chunk, n - start))
-            if not chunk:
-                continue
-            m = len(chunk)
-            x = (torch.stack(chunk).flatten(0, 2) * 255).round().to(torch.uint8)  # [m*K*2, 3, S, S]
+    rows = 0
+    chunks = ViewChunks(source, views, image_size, crop_scale, interpolation, seed, max(1, batch_size // (2 * views)),
+                        "cache-teacher", progress)
+    with torch.no_grad():
+        for x, chunk_labels, chunk_index in chunks:
+            m = len(x)
+            x = (x.flatten(0, 2) * 255).round().to(torch.uint8)  # [m*K*2, 3, S, S]: what the student will read
             f = torch.cat([teacher(b.to(device).float() / 255).float().cpu() for b in x.split(batch_size)])
             images[rows:rows + m] = x.view(m, views, 2, 3, image_size, image_size)
             features[rows:rows + m] = f.view(m, views, 2, c, h, w).to(torch.float16)
-            labels[rows:rows + m] = torch.tensor(chunk_labels)
-            source_index[rows:rows + m] = torch.tensor(chunk_index)
+            labels[rows:rows + m] = chunk_labels
+            source_index[rows:rows + m] = chunk_index
             rows += m
-    if rows == 0:
-        raise UserError(f"no readable images in {getattr(source, 'description', 'the data')} ({skipped} skipped)")
+    skipped = chunks.skipped
     transform = json.dumps(transform_description(image_size, crop_scale, interpolation, views, seed), sort_keys=True)
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "teacher": teacher.spec,
                 "teacher_id": teacher.identity(), "transform": transform,

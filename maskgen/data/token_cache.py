@@ -94,6 +94,46 @@ def augmented_views(img, index: int, views: int, centre: EvalTransform, crop: Pr
     return torch.stack([x, x.flip(-1)], dim=1)
 
 
+class ViewChunks:
+    """Iterate over the readable images of `source` in chunks of `per_chunk` images: (views [m, K, 2, 3, S, S] in
+    [0, 1] (`augmented_views`), labels int64 [m], source indices int64 [m]). Unreadable images are skipped with a
+    warning and counted in `.skipped`; a source without any readable image is a UserError at the end."""
+
+    def __init__(self, source, views: int, image_size: int, crop_scale, interpolation: str, seed: int,
+                 per_chunk: int, desc: str, progress: bool = True):
+        self.source, self.views, self.seed, self.per_chunk = source, views, seed, per_chunk
+        self.desc, self.progress, self.skipped = desc, progress, 0
+        self.centre = EvalTransform(image_size, interpolation=interpolation)
+        self.crop = PretrainTransform(image_size, crop_scale, RATIO, interpolation, hflip=False)
+
+    def __iter__(self):
+        n, rows = len(self.source), 0
+        with progress_bar(total=n, unit="img", desc=self.desc, enabled=self.progress) as bar:
+            for start in range(0, n, self.per_chunk):
+                chunk, labels, index = [], [], []
+                for i in range(start, min(start + self.per_chunk, n)):
+                    sample = self.source[i]
+                    try:
+                        img = decode_image(sample.data) if isinstance(sample.data, bytes) else sample.data
+                    except BadImage as e:
+                        self.skipped += 1
+                        log.warning("skipped unreadable image %s (%s) [%d skipped so far]", sample.name, e,
+                                    self.skipped)
+                        continue
+                    chunk.append(augmented_views(img, i, self.views, self.centre, self.crop, self.seed))
+                    labels.append(sample.label)
+                    index.append(i)
+                bar.update(min(self.per_chunk, n - start))
+                if chunk:
+                    rows += len(chunk)
+                    yield torch.stack(chunk), torch.tensor(labels, dtype=torch.int64), torch.tensor(index)
+        if rows == 0:
+            raise UserError(f"no readable images in {getattr(self.source, 'description', 'the data')} "
+                            f"({self.skipped} skipped)")
+        if self.skipped:
+            log.warning("%d unreadable images were skipped; the cache holds %d", self.skipped, rows)
+
+
 def write_token_cache(tokenizer: nn.Module, source, out: str | os.PathLike, views: int, image_size: int,
                       crop_scale=(0.2, 1.0), interpolation: str = "bicubic", batch_size: int = 64, seed: int = 0,
                       device: str | torch.device = "cpu", progress: bool = True) -> Path:
@@ -103,46 +143,26 @@ def write_token_cache(tokenizer: nn.Module, source, out: str | os.PathLike, view
     _validate(tokenizer, views, image_size, crop_scale, interpolation, batch_size)
     cfg = tokenizer.config
     grid = image_size // cfg.downsample_factor
-    centre = EvalTransform(image_size, interpolation=interpolation)
-    crop = PretrainTransform(image_size, crop_scale, RATIO, interpolation, hflip=False)
     tokenizer = tokenizer.to(device).eval()
 
     n = len(source)
     tokens = torch.empty(n, views, 2, grid, grid, dtype=torch.uint16)
     labels = torch.empty(n, dtype=torch.int64)
     source_index = torch.empty(n, dtype=torch.int64)
-    images_per_chunk = max(1, batch_size // (2 * views))
-    rows, skipped = 0, 0
     out = prepare_file(out, "token cache")
     check_free_space(out.parent, tokens.numel() * tokens.element_size() + 16 * n + 65536, "the token cache")
-    with torch.no_grad(), progress_bar(total=n, unit="img", desc="cache-tokens", enabled=progress) as bar:
-        for start in range(0, n, images_per_chunk):
-            chunk, chunk_labels, chunk_index = [], [], []
-            for i in range(start, min(start + images_per_chunk, n)):
-                sample = source[i]
-                try:
-                    img = decode_image(sample.data) if isinstance(sample.data, bytes) else sample.data
-                except BadImage as e:
-                    skipped += 1
-                    log.warning("skipped unreadable image %s (%s) [%d skipped so far]", sample.name, e, skipped)
-                    continue
-                chunk.append(augmented_views(img, i, views, centre, crop, seed))
-                chunk_labels.append(sample.label)
-                chunk_index.append(i)
-            bar.update(min(images_per_chunk, n - start))
-            if not chunk:
-                continue
-            x = torch.stack(chunk).flatten(0, 2)  # [m*K*2, 3, S, S]
-            codes = torch.cat([tokenizer.encode(b.to(device)).cpu() for b in x.split(batch_size)])
-            m = len(chunk)
+    rows = 0
+    chunks = ViewChunks(source, views, image_size, crop_scale, interpolation, seed, max(1, batch_size // (2 * views)),
+                        "cache-tokens", progress)
+    with torch.no_grad():
+        for x, chunk_labels, chunk_index in chunks:
+            m = len(x)
+            codes = torch.cat([tokenizer.encode(b.to(device)).cpu() for b in x.flatten(0, 2).split(batch_size)])
             tokens[rows:rows + m] = codes.view(m, views, 2, grid, grid).to(torch.uint16)
-            labels[rows:rows + m] = torch.tensor(chunk_labels)
-            source_index[rows:rows + m] = torch.tensor(chunk_index)
+            labels[rows:rows + m] = chunk_labels
+            source_index[rows:rows + m] = chunk_index
             rows += m
-    if rows == 0:
-        raise UserError(f"no readable images in {getattr(source, 'description', 'the data')} ({skipped} skipped)")
-    if skipped:
-        log.warning("%d unreadable images were skipped; the cache holds %d", skipped, rows)
+    skipped = chunks.skipped
 
     transform = json.dumps(transform_description(image_size, crop_scale, interpolation, views, seed), sort_keys=True)
     metadata = {
