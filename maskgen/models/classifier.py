@@ -56,6 +56,11 @@ class MAGEClassifier(FrozenTokenizerMixin, nn.Module):
         return self.mage_config.image_size
 
     @property
+    def default_pool(self) -> str:
+        """The pooling it was fine-tuned with (what its features use by default)."""
+        return self.config.pool
+
+    @property
     def num_layers(self) -> int:
         """The top layer id of `layer_id` (depth + 1)."""
         return self.mage_config.depth + 1

@@ -50,6 +50,11 @@ class MAEClassifier(nn.Module):
         return self.encoder.config.image_size
 
     @property
+    def default_pool(self) -> str:
+        """The pooling it was fine-tuned with (what its features use by default)."""
+        return self.config.pool
+
+    @property
     def num_layers(self) -> int:
         """The top layer id of `layer_id` (depth + 1)."""
         return len(self.encoder.blocks) + 1

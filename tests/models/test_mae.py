@@ -158,6 +158,7 @@ def test_classifier_starts_from_the_encoder_with_official_layer_ids():
     images = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(clf.forward_features(images), m.forward_features(images, "cls"))
     assert clf(images).shape == (2, 7) and float(clf.head.weight.detach().std()) < 1e-4
+    assert clf.default_pool == "cls"  # features of a fine-tuned classifier use its own pooling by default
     mean = m.as_classifier(7, pool="mean").eval()  # a new fc_norm at init == MAE's parameter-free mean pooling
     torch.testing.assert_close(mean.forward_features(images), m.forward_features(images, "mean"))
     assert not any(k.startswith(("encoder.decoder", "encoder.mask_token")) for k in clf.state_dict())
