@@ -84,6 +84,9 @@ class TrainConfig(Options):
                                               "benchmarks/tokenizer_train_step.py", choices=("contiguous", "channels_last"))
     device: str = option("auto", "auto (CUDA when available), cpu, cuda", choices=("auto", "cpu", "cuda"))
     ema_decay: float = option(0.0, "EMA of the weights (0: off), saved as ema.safetensors", min=0.0, max=1.0)
+    init_from: str = option("", "start from the weights of this weights / checkpoint / run directory (a later "
+                                "training stage, e.g. UMD's class-conditional fine-tuning): the optimizer and EMA "
+                                "start fresh; ignored when resuming")
     save_every: int = option(1000, "save a checkpoint every N optimizer steps (and at the end)", min=1)
     keep_last: int = option(3, "checkpoints to keep", min=1)
 

@@ -7,6 +7,7 @@ Sampler options (`num_iter=...` for MaskGIT) are keyword arguments passed on to 
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from pathlib import Path
@@ -29,9 +30,10 @@ EDIT_KINDS = ("inpaint", "outpaint", "uncrop")
 
 
 def load_generator_model(ckpt: str | os.PathLike, device: str = "cpu"):
-    """The model saved in `ckpt`, in eval mode, checked able to generate: it names a `default_sampler`, and its
-    `check_can_sample()` (MAGE: a tokenizer is attached) passes."""
-    model = from_pretrained(ckpt, device=device)
+    """The model saved in `ckpt`, in eval mode, with its EMA weights where the checkpoint has them (samplers use the
+    EMA, as DiT and UMD), checked able to generate: it names a `default_sampler`, and its `check_can_sample()`
+    (MAGE: a tokenizer is attached) passes."""
+    model = from_pretrained(ckpt, ema="auto", device=device)
     check_can_generate(model, source=str(ckpt))
     return model
 
@@ -48,9 +50,11 @@ def generated_batches(model, num_images: int, batch_size: int, seed: int = 0, de
 
 @torch.no_grad()
 def _batches(model, sampler: Sampler, num_images: int, batch_size: int, seed: int, device) -> Iterator[torch.Tensor]:
+    takes_start = "start" in inspect.signature(sampler.generate).parameters  # optional in the contract
     for first in range(0, num_images, batch_size):
         n = min(batch_size, num_images - first)
-        samples = sampler.generate(model, n, generator=per_image_generators(seed, first, n, device))
+        samples = sampler.generate(model, n, generator=per_image_generators(seed, first, n, device),
+                                   **({"start": first} if takes_start else {}))
         yield samples_to_images(model, samples)
 
 

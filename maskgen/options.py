@@ -29,9 +29,11 @@ from .errors import ConfigError
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-           max: float | None = None, gt: float | None = None, lt: float | None = None, **kw) -> Any:
-    """A dataclass field with its documentation and the values it accepts."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "gt": gt, "lt": lt}
+           max: float | None = None, gt: float | None = None, lt: float | None = None, flag: str | None = None,
+           **kw) -> Any:
+    """A dataclass field with its documentation and the values it accepts; `flag`: its command-line flag where
+    that is not `--field-name` (e.g. `--class` for a field that Python cannot call `class`)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "gt": gt, "lt": lt, "flag": flag}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)

@@ -22,7 +22,7 @@ from ..generation import edit_image, generate_images
 from ..options import flag_type
 from ..registry import METHODS
 from ..sampling import add_sampler_arguments, sampler_options_from_args
-from .eval import add_eval_parser, run_eval
+from .eval import T_HELP, add_eval_parser, run_eval
 
 TRAIN_EPILOG = """\
 examples:
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="auto|DIR",
                    help="'auto': continue from the latest checkpoint of --run-dir (start fresh if none); "
                         "or a checkpoint / run directory")
+    t.add_argument("--init-from", metavar="DIR",
+                   help="start from the weights of another run (a later stage, e.g. UMD's class-conditional "
+                        "fine-tuning; sets train.init_from): new modules keep their initialisation, the optimizer "
+                        "starts fresh")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
 
     c = sub.add_parser("config", help="list or show configuration presets")
@@ -123,12 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--seed", type=flag_type(int, min=0), default=0)
     cf.add_argument("--device", default="cpu", help="cpu or cuda")
 
-    gen = sub.add_parser("generate", help="generate images with a generative model (MAGE: iterative decoding)",
+    gen = sub.add_parser("generate", help="generate images with a generative model (MAGE: iterative decoding; "
+                                          "UMD: DDIM)",
                          description="Generate images from scratch with the sampler the model declares (MAGE: "
                                      "every token starts masked and is filled in num-iter MaskGIT steps, cosine "
-                                     "schedule, Gumbel-noised confidence). Image i depends only on (--seed, i). "
-                                     "Writes OUT/000000.png ... and OUT-grid.png (the first 64, beside the folder, so that OUT holds "
-                                     "only samples for FID tools). Unset sampler options keep the "
+                                     "schedule, Gumbel-noised confidence; UMD: DDIM over --steps steps with "
+                                     "classifier-free guidance --cfg on class --class). A checkpoint's EMA weights "
+                                     "are used where it has them. Image i depends only on (--seed, i). "
+                                     "Writes OUT/000000.png ... and OUT-grid.png (the first 64, beside the folder, so "
+                                     "that OUT holds only samples for FID tools). Unset sampler options keep the "
                                      "sampler's defaults.")
     gen.add_argument("--ckpt", required=True, help="weights / checkpoint / run directory of a generative model")
     gen.add_argument("--out", required=True, help="output folder")
@@ -163,9 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--split", default="train")
     ft.add_argument("--pool", choices=("mean", "cls"),
                     help="mean: LayerNorm of the mean image-token output (MAGE's official linear probe); cls: the "
-                         "class token ([C0] of MAGE, [CLS] of MAE's official probe). Default: the model's official one")
+                         "class token ([C0] of MAGE, [CLS] of MAE's official probe, the mean of UMD's 4 CLS "
+                         "outputs). Default: the model's official one")
     ft.add_argument("--layer", type=flag_type(int, min=1),
                     help="features of this encoder block (1 = the first; default: the last); ViT encoders (MAGE, MAE) only")
+    ft.add_argument("--t", type=flag_type(int, min=0), metavar="T", help=T_HELP)
     ft.add_argument("--batch-size", type=flag_type(int, min=1), default=64)
     ft.add_argument("--limit", type=flag_type(int, min=0), default=0, help="a fixed random subset of N images (0: all)")
     ft.add_argument("--image-size", type=flag_type(int, min=8),
@@ -244,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "device", None) is not None:
         check_device(args.device)
     if args.command == "train":
-        api.train(args.method, args.config, args.overrides, run_dir=args.run_dir, resume=args.resume)
+        overrides = [*args.overrides, *([f"train.init_from={args.init_from}"] if args.init_from else [])]
+        api.train(args.method, args.config, overrides, run_dir=args.run_dir, resume=args.resume)
     elif args.command == "config":
         if args.config_command == "list":
             for name in api.list_presets():
@@ -272,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
     elif args.command == "features":
         out = extract_features(args.ckpt, args.data, args.out, args.split, args.pool, image_size=args.image_size,
-                               batch_size=args.batch_size, limit=args.limit, device=args.device, layer=args.layer)
+                               batch_size=args.batch_size, limit=args.limit, device=args.device, layer=args.layer,
+                               t=args.t)
         print(f"wrote {out}")
     elif args.command == "convert":
         options = {"norm_pix_loss": args.target == "norm-pix"} if args.convert_command == "mae" else {}

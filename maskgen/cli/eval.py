@@ -33,6 +33,10 @@ from ..weights import read_model_config, resolve_weights_dir
 DATA_HELP = "image folder (class sub-folders), WebDataset shards, 'cifar10' or 'mnist5k'"
 
 
+T_HELP = ("features of the images noised to diffusion step T (0..T-1) and told T + 1, for models with a noise "
+          "level (UMD; the reference reads its DiT and MaskDiT baselines at 50); default: the clean images (time 0)")
+
+
 def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
     p.add_argument("--ckpt", required=True, help="MAGE, MAE or tokenizer weights / checkpoint / run directory, or "
                                                  "'pixels': the raw pixels of --image-size images (default 32), the "
@@ -56,6 +60,7 @@ def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
                         "ViT encoders (MAGE, MAE) only")
     p.add_argument("--image-size", type=flag_type(int, min=8),
                    help="image side fed to the model (default: the model's)")
+    p.add_argument("--t", type=flag_type(int, min=0), metavar="T", help=T_HELP)
     p.add_argument("--limit", type=flag_type(int, min=0), default=0,
                    help="a fixed random subset of N training images (0: all)")
     p.add_argument("--test-limit", type=flag_type(int, min=0), default=0,
@@ -206,7 +211,7 @@ def _feature_eval(args) -> int:
     test_data, test_split = _test_source(args)
     json_path = prepare_file(args.json or _default_json(args), "result file")
     model = load_encoder(args.ckpt, args.device, untrained=args.untrained, seed=args.seed, image_size=args.image_size,
-                         layer=args.layer)
+                         layer=args.layer, t=args.t)
     args.pool = args.pool or default_pool(model)
     common = dict(pool=args.pool, image_size=args.image_size, batch_size=args.feature_batch_size, device=args.device)
     test_x, test_y = cached_features(args.ckpt, model, test_data, test_split, args.feature_cache,
@@ -215,7 +220,7 @@ def _feature_eval(args) -> int:
     info = {"ckpt": str(args.ckpt), "untrained": args.untrained, "model": model.model_name, "data": args.data,
             "split": args.split, "test_data": test_data,
             "test_split": test_split if has_split(test_data, test_split) else None, "pool": args.pool,
-            "layer": args.layer}
+            "layer": args.layer, "t": args.t}
     if args.eval_command == "linear-probe" and args.augment:
         r = train_linear_probe_augmented(model, args.data, args.split, test_x, test_y, **_probe_opts(args),
                                          pool=args.pool, image_size=args.image_size, limit=args.limit,

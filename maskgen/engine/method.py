@@ -7,6 +7,7 @@ method up by name beyond `METHODS.get(cfg.method)`.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,10 @@ from torchvision.utils import make_grid, save_image
 from ..data.loader import AugmentedImages
 from ..data.sources import open_source
 from ..data.transforms import build_transform
+from ..errors import UserError
+from ..weights import read_weights, resolve_weights_dir
+
+log = logging.getLogger("maskgen")
 
 
 @dataclass
@@ -58,6 +63,8 @@ class Method(nn.Module):
     - `release_model()`: the sub-module saved as `model.safetensors` (what `from_pretrained` returns);
       anything else trainable (a discriminator, a projection head) goes into the training state.
     - `hooks()`: callables `hook(method, ctx: HookContext)` run every `vis.every` steps and at the end.
+- `init_from(directory)`: start from saved weights (`train.init_from`, a later training stage) before the
+  optimizer and the EMA are made; the default loads the release model's tensors (`load_release_weights`).
     Randomness inside `forward_loss` uses torch's global RNG, which the engine re-seeds every micro-step
     from (seed, rank, step), so runs are reproducible and resume exactly.
     """
@@ -84,3 +91,28 @@ class Method(nn.Module):
 
     def hooks(self) -> list[Callable]:
         return []
+
+    def init_from(self, directory: str | Path) -> None:
+        load_release_weights(self.release_model(), directory)
+
+
+def load_release_weights(model: nn.Module, directory: str | Path) -> list[str]:
+    """Load the weights saved in `directory` (weights / checkpoint / run directory) into `model`, for a new training
+    stage. Every saved tensor must exist in `model` with the same shape (else a UserError); tensors of `model` that
+    the saved model lacks (e.g. a new label embedder) keep their initialisation. Returns their names."""
+    source = resolve_weights_dir(directory)
+    meta, state = read_weights(source)
+    name = getattr(model, "model_name", None)
+    if meta.get("model") != name:
+        raise UserError(f"train.init_from {directory} holds a '{meta.get('model')}' model, not a '{name}' model")
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        detail = ", ".join(f"{k} {list(state[k].shape)}" + (f" vs {list(own[k].shape)}" if k in own else " (absent)")
+                           for k in bad[:3])
+        raise UserError(f"train.init_from {directory}: its weights do not fit this model's architecture ({detail}); "
+                        f"use the same model settings as the run it comes from")
+    model.load_state_dict(state, strict=False)
+    new = [k for k in own if k not in state]
+    log.info("initialised from %s%s", source, f"; new (not in it): {', '.join(new)}" if new else "")
+    return new

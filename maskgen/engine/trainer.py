@@ -126,6 +126,8 @@ class Trainer:
         # memory_format applies to 4-D weights only; saved weights are made contiguous
         self.method = METHODS.get(cfg.method).from_config(cfg).to(device, memory_format=self.memory_format)
         self.model = self.method.release_model()
+        if tc.init_from and resume_from is None:
+            self.method.init_from(tc.init_from)
         dataset, self.source_description = self.method.build_dataset(cfg)
         self.loader = ResumableLoader(dataset, tc.batch_size, tc.seed, self.rank, self.world,
                                       cfg.data.num_workers, cfg.data.limit)

@@ -50,18 +50,19 @@ class PixelFeatures(nn.Module):
 
 
 def load_encoder(ckpt: str | os.PathLike, device: str = "cpu", untrained: bool = False, seed: int = 0,
-                 image_size: int | None = None, layer: int | None = None) -> nn.Module:
+                 image_size: int | None = None, layer: int | None = None, t: int | None = None) -> nn.Module:
     """The model saved in `ckpt` (weights / checkpoint / run directory), in eval mode; it must have
     `forward_features`. `untrained`: the same architecture at its seed-`seed` initialisation instead.
     `layer`: keep only the first `layer` blocks of a ViT encoder (MAGE, its classifier), so that the features are
     those of block `layer` (pooled as usual); None: all blocks.
     `ckpt='pixels'`: the raw pixels of `image_size` (default 32) images. `model.weights_id` identifies the weights
     for the feature cache; `model.trained_image_size` records `data.image_size` of the training run when the
-    checkpoint has its train_config.yaml (the tokenizer's config has no image size of its own)."""
+    checkpoint has its train_config.yaml (the tokenizer's config has no image size of its own). `t`: features of
+    images noised to diffusion step t, for models with a noise level (a `feature_t` attribute: UMD)."""
     if str(ckpt) == PIXELS and not Path(ckpt).exists():
-        if untrained or layer is not None:
-            raise UserError(f"--{'untrained' if untrained else 'layer'} needs a checkpoint: the 'pixels' baseline "
-                            f"has no weights")
+        if untrained or layer is not None or t is not None:
+            flag = "untrained" if untrained else "layer" if layer is not None else "t"
+            raise UserError(f"--{flag} needs a checkpoint: the 'pixels' baseline has no weights")
         model = PixelFeatures(image_size or 32)
         model.weights_id = {"weights": PIXELS}
         return model
@@ -71,6 +72,8 @@ def load_encoder(ckpt: str | os.PathLike, device: str = "cpu", untrained: bool =
     model.weights_id = {**_weights_id(ckpt), **({"untrained_seed": seed} if untrained else {})}
     if layer is not None:
         _truncate(model, layer, ckpt)
+    if t is not None:
+        _set_noise_level(model, t, ckpt)
     train_cfg = resolve_weights_dir(ckpt) / TRAIN_CONFIG_FILE
     if train_cfg.is_file():
         model.trained_image_size = (yaml.safe_load(train_cfg.read_text()) or {}).get("data", {}).get("image_size")
@@ -88,6 +91,17 @@ def _truncate(model: nn.Module, layer: int, ckpt) -> None:
     if layer < len(blocks):
         model.blocks = blocks[:layer]
         model.weights_id["layer"] = layer
+
+
+def _set_noise_level(model: nn.Module, t: int, ckpt) -> None:
+    """Features at diffusion step `t` (a model with `feature_t` and a `schedule`); recorded in its `weights_id`."""
+    if not hasattr(model, "feature_t"):
+        raise UserError(f"--t applies to diffusion models (UMD); {ckpt} holds a '{model.model_name}' model")
+    steps = model.schedule.num_timesteps
+    if not 0 <= t < steps:
+        raise UserError(f"--t must lie in 0..{steps - 1} (the model's diffusion steps), got {t}")
+    model.feature_t = t
+    model.weights_id["t"] = t
 
 
 def default_pool(model: nn.Module) -> str:
@@ -175,20 +189,21 @@ def _warn_skipped(skipped: int, data: str) -> None:
 
 def extract_features(ckpt: str | os.PathLike, data: str, out: str | os.PathLike, split: str = "train",
                      pool: str | None = None, image_size: int | None = None, batch_size: int = 64, limit: int = 0,
-                     device: str = "cpu", progress: bool = True, layer: int | None = None) -> Path:
+                     device: str = "cpu", progress: bool = True, layer: int | None = None,
+                     t: int | None = None) -> Path:
     """`maskgen features`: features of every image of `data` (see `compute_features`) into a safetensors file
     with `features` float32 [N, D] and `labels` int64 [N] (-1 = unlabeled); its metadata holds the number of
     unreadable images skipped. `layer`: features of that encoder block (see `load_encoder`); `pool` None: the
-    model's `default_pool`."""
+    model's `default_pool`; `t`: features of images noised to diffusion step t (UMD)."""
     out = prepare_file(out, "features file")
-    model = load_encoder(ckpt, device, layer=layer)
+    model = load_encoder(ckpt, device, layer=layer, t=t)
     pool = pool or default_pool(model)
     feats, labels, skipped = _features(model, data, split, pool=pool, image_size=image_size, batch_size=batch_size,
                                        limit=limit, device=device, progress=progress)
     with atomic_write(out) as tmp:
         save_file({"features": feats, "labels": labels}, str(tmp), metadata={
             "ckpt": str(ckpt), "data": str(data), "split": split, "pool": pool, "skipped": str(skipped),
-            "layer": str(layer or "last")})
+            "layer": str(layer or "last"), "t": "clean" if t is None else str(t)})
     return out
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..registry import MODELS
-from ..weights import CONFIG_FILE, read_model_config, read_weights, resolve_weights_dir, write_weights
+from ..weights import CONFIG_FILE, EMA_FILE, read_model_config, read_weights, resolve_weights_dir, write_weights
 
 
 def create_model(name: str, **overrides) -> nn.Module:
@@ -57,16 +57,17 @@ def build_from_config(meta: dict, where: str | os.PathLike = "config.json") -> n
         raise UserError(f"{where}: invalid config for model '{name}' ({e})") from None
 
 
-def from_pretrained(path: str | os.PathLike, ema: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+def from_pretrained(path: str | os.PathLike, ema: bool | str = False, device: str | torch.device = "cpu") -> nn.Module:
     """The model saved in `path` (a weights, checkpoint or run directory), in eval mode.
 
-    `ema=True` loads the EMA weights where the checkpoint has them. A run directory resolves to its latest
+    `ema=True` loads the EMA weights (a UserError where the checkpoint has none); `ema="auto"` loads them where the
+    checkpoint has them, else the weights. A run directory resolves to its latest
     checkpoint; when a training run prunes that checkpoint while it is being read (`train.keep_last`), the next
     latest is read instead."""
     for attempt in range(5):
         directory = resolve_weights_dir(path)
         try:
-            model = _load(directory, ema)
+            model = _load(directory, (directory / EMA_FILE).is_file() if ema == "auto" else bool(ema))
             break
         except UserError:  # retried only when a newer checkpoint replaced the one being read
             if Path(path) == directory or attempt == 4 or resolve_weights_dir(path) == directory:

@@ -85,15 +85,37 @@ class Sampler:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------- the whole loop
-    def generate(self, model, num_images: int, generator: Generators = None) -> torch.Tensor:
+    def generate(self, model, num_images: int, generator: Generators = None, start: int = 0) -> torch.Tensor:
         """`num_images` samples from scratch, in the model's sample space (e.g. codes [B, h, w]; turn them into
-        images with `samples_to_images`). `generator`: a torch.Generator, one per image, or None (global RNG)."""
+        images with `samples_to_images`). `generator`: a torch.Generator, one per image, or None (global RNG).
+        `start`: the index of the first image in the whole set (a sampler that varies images by index, e.g. the
+        classes of a class-balanced set, uses it; image i's content depends on i, never on the batching). A sampler
+        whose `generate` has no `start` parameter is called without it."""
         raise NotImplementedError
 
     def edit(self, model, samples: torch.Tensor, region: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         """`samples` with `region` (bool, in sample space, e.g. [B, h, w] or [h, w]; True = regenerate)
         regenerated and everything else kept."""
         raise UserError(f"the {self.sampler_name or type(self).__name__} sampler cannot edit images")
+
+
+def row_generators(generator: Generators, batch: int) -> list[torch.Generator] | None:
+    """`generator` as one generator per row of a batch of `batch` (None when it is one generator or None)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return None
+    gens = list(generator)
+    if len(gens) != batch:
+        raise ValueError(f"got {len(gens)} generators for a batch of {batch}")
+    return gens
+
+
+def random_rows(draw, shape: tuple[int, ...], generator: Generators, device, **kwargs) -> torch.Tensor:
+    """`draw(shape, generator=..., device=...)` (torch.rand / torch.randn) [B, ...]; with a list of generators row i
+    comes from generator i alone, so a row does not depend on the rest of the batch."""
+    gens = row_generators(generator, shape[0])
+    if gens is None:
+        return draw(shape, generator=generator, device=device, **kwargs)
+    return torch.stack([draw(shape[1:], generator=g, device=device, **kwargs) for g in gens])
 
 
 def _model_name(model) -> str:
@@ -136,16 +158,17 @@ def samples_to_images(model, samples: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- command line
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per option of every registered sampler (`num_iter` -> `--num-iter`), in one argument group per
-    sampler, typed by the field, default None (unset: the sampler's own default). A flag the parser already has,
-    or that an earlier sampler added, is not added again."""
+    """One flag per option of every registered sampler (`num_iter` -> `--num-iter`, or the option's own `flag`), in
+    one argument group per sampler, typed by the field, default None (unset: the sampler's own default). A flag the
+    parser already has, or that an earlier sampler added, is not added again."""
     taken = set(parser._option_string_actions)  # noqa: SLF001 (argparse has no public accessor)
     for name in SAMPLERS.names():
         cls = SAMPLERS.get(name).options_class
         hints = typing.get_type_hints(cls)
         group = None
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            bounds = {k: v for k, v in f.metadata.items() if k in ("choices", "min", "max", "gt", "lt")}
             if flag in taken:
                 continue
             taken.add(flag)
@@ -153,8 +176,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                 group = parser.add_argument_group(f"{name} sampler options")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             group.add_argument(flag, dest=FLAG_PREFIX + f.name, default=None, metavar=f.name.upper(),
-                               type=flag_type(hints[f.name], flag, **f.metadata),
-                               help=f"{f.metadata.get('help', '')} (default: {default})".lstrip())
+                               type=flag_type(hints[f.name], flag, **bounds),
+                               help=f"{f.metadata.get('help', '')}{'' if default is None else f' (default: {default})'}")
 
 
 def sampler_options_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..options import Options, option
 from ..registry import SAMPLERS
-from .base import Generators, Sampler
+from .base import Generators, Sampler, random_rows, row_generators
 
 UNKNOWN = -1  # canvas value of a token to generate
 
@@ -59,27 +59,10 @@ class MaskGITStepOutput:
     unknown: torch.Tensor
 
 
-def _per_row(generator: Generators, batch: int) -> list[torch.Generator] | None:
-    if generator is None or isinstance(generator, torch.Generator):
-        return None
-    gens = list(generator)
-    if len(gens) != batch:
-        raise ValueError(f"got {len(gens)} generators for a batch of {batch}")
-    return gens
-
-
-def _rand(shape: tuple[int, ...], generator: Generators, device) -> torch.Tensor:
-    """Uniform [0, 1) noise [B, ...]; with a list of generators row i comes from generator i."""
-    gens = _per_row(generator, shape[0])
-    if gens is None:
-        return torch.rand(shape, generator=generator, device=device)
-    return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in gens])
-
-
 def _multinomial(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     """probs [B, L, K] -> one draw per position [B, L]; with a list of generators row i uses generator i."""
     b, n, k = probs.shape
-    gens = _per_row(generator, b)
+    gens = row_generators(generator, b)
     if gens is None:
         return torch.multinomial(probs.reshape(b * n, k), 1, generator=generator).view(b, n)
     return torch.stack([torch.multinomial(probs[i], 1, generator=g).squeeze(1) for i, g in enumerate(gens)])
@@ -148,7 +131,7 @@ class MaskGITScheduler(Sampler):
             initial_unknown = torch.full((b,), n, dtype=torch.long, device=logits.device)
         sampled = torch.where(unknown, self.sample(logits, generator), tokens)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, sampled.clamp_min(0)[..., None]).squeeze(-1)
-        u = _rand((b, n), generator, logits.device).clamp_min(torch.finfo(torch.float32).tiny)
+        u = random_rows(torch.rand, (b, n), generator, logits.device).clamp_min(torch.finfo(torch.float32).tiny)
         gumbel = -torch.log(-torch.log(u))
         ratio = (step + 1) / self.num_iter
         confidence = logp + self.choice_temperature * (1.0 - ratio) * gumbel
@@ -201,8 +184,8 @@ class MaskGITScheduler(Sampler):
             model.train(was_training)
         return sampled.view(b, g, g)
 
-    def generate(self, model, num_images: int, generator: Generators = None) -> torch.Tensor:
-        """`num_images` codes [B, h, w] generated from scratch."""
+    def generate(self, model, num_images: int, generator: Generators = None, start: int = 0) -> torch.Tensor:
+        """`num_images` codes [B, h, w] generated from scratch (`start` plays no part)."""
         return self.decode(model, num_images, generator)
 
     def edit(self, model, samples: torch.Tensor, region: torch.Tensor, generator: Generators = None, *,
