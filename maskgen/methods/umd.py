@@ -16,6 +16,11 @@ Weight decay as the reference: every parameter is decayed except the CLS tokens,
 (LayerNorm scales and position tables are decayed, unlike MAE). The class-conditional fine-tuning stage is the same
 method with `use_labels` (`model.num_classes` from the data when 0), a fresh label embedder (`train.init_from`
 loads the rest), the optimizer re-initialised, and an EMA of decay 1 - `ema_rate` · B / 256 made in that stage.
+
+Latent mode (`umd.autoencoder`): the same objective on the latents of a frozen autoencoder, which rides along with
+the model: our VQGAN tokenizer (its continuous latent, before quantisation) or a local diffusers AutoencoderKL (a
+posterior sample, as the reference). Latents are multiplied by `model.latent_scale`: the VAE's scaling_factor, else
+1 / std of the latents of 512 training images, measured when training starts; config.yaml records it.
 """
 from __future__ import annotations
 
@@ -26,10 +31,14 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed as dist
+from ..data.decode import BadImage, decode_image
 from ..data.sources import open_source
+from ..data.transforms import EvalTransform
 from ..diffusion_schedule import network_time
 from ..engine.method import HookContext, Method
 from ..errors import ConfigError, UserError
+from ..models import from_pretrained
+from ..models.diffusers_vae import DiffusersVAE
 from ..models.umd import UMD, UMDConfig
 from ..options import Options, option
 from ..registry import METHODS
@@ -55,6 +64,9 @@ class UMDObjective(Options):
                                        "guidance)", min=0.0, max=1.0)
     ema_rate: float = option(0.0, "EMA step per 256 images: train.ema_decay = 1 - ema_rate x B / 256 (fine-tuning "
                                   "stage: 1e-4, i.e. 0.9999 at B = 256); 0: no EMA", min=0.0, lt=1.0)
+    autoencoder: str = option("", "latent mode: a maskgen tokenizer folder (diffusion on its continuous latent "
+                                  "before quantisation) or diffusers:DIR, a local diffusers AutoencoderKL folder "
+                                  "(never downloaded); empty: diffusion on pixels")
 
 
 def masked_mean(se: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -116,6 +128,10 @@ class UMDMethod(Method):
                 raise UserError(f"umd.use_labels needs labelled data, but {cfg.data.path} has no classes")
             cfg.model = dataclasses.replace(cfg.model, num_classes=max(source.classes) + 1)
             log.info("model.num_classes = %d (from %s)", cfg.model.num_classes, cfg.data.path)
+        autoencoder = None
+        if o.autoencoder:
+            autoencoder = load_autoencoder(o.autoencoder)
+            cfg.model = latent_model_config(cfg, autoencoder)
         if o.ema_rate > 0:
             batch = cfg.train.batch_size * cfg.train.accum_steps * dist.world_size()
             decay = 1.0 - o.ema_rate * batch / 256
@@ -125,9 +141,9 @@ class UMDMethod(Method):
             if decay <= 0:
                 raise ConfigError(f"umd.ema_rate {o.ema_rate} x batch {batch} / 256 >= 1: lower it")
             cfg.train.ema_decay = decay
-        return cls(cfg)
+        return cls(cfg, autoencoder)
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, autoencoder: torch.nn.Module | None = None):
         super().__init__()
         o = self.objective = cfg.objective
         m = cfg.model
@@ -138,9 +154,12 @@ class UMDMethod(Method):
             raise ConfigError(f"data.views={cfg.data.views}: umd reads one view per image (set data.views=1)")
         if o.use_labels and o.no_noise_prob == 1.0:
             raise ConfigError("umd.use_labels conditions the noised images, but umd.no_noise_prob=1 has none")
-        if m.latent_channels:
-            raise ConfigError("latent-mode UMD (model.latent_channels > 0) is not implemented yet: train on pixels")
+        if m.latent_channels and autoencoder is None:
+            raise ConfigError(f"model.latent_channels {m.latent_channels} asks for latent mode, which needs "
+                              f"umd.autoencoder: a maskgen tokenizer folder, or diffusers:DIR (a local AutoencoderKL)")
         self.umd = UMD(m)
+        if autoencoder is not None:
+            self.umd.set_tokenizer(autoencoder)
 
     def release_model(self) -> UMD:
         return self.umd
@@ -166,6 +185,52 @@ class UMDMethod(Method):
 
     def hooks(self):
         return [sample_grid]
+
+
+def load_autoencoder(spec: str) -> torch.nn.Module:
+    """`umd.autoencoder` -> the frozen autoencoder: diffusers:DIR (a local AutoencoderKL) or a maskgen tokenizer
+    (weights / checkpoint / run directory)."""
+    if spec.startswith("diffusers:"):
+        return DiffusersVAE.from_folder(spec.removeprefix("diffusers:"))
+    model = from_pretrained(spec)
+    if not hasattr(model, "encode_latent"):
+        raise UserError(f"umd.autoencoder {spec} holds a '{model.model_name}' model, not an autoencoder (a maskgen "
+                        f"tokenizer, or diffusers:DIR)")
+    return model
+
+
+@torch.no_grad()
+def latent_scale(autoencoder: torch.nn.Module, cfg, num_images: int = 512) -> float:
+    """1 / std of the latents of the first `num_images` training images (centre crops): the factor that gives the
+    diffusion unit-variance data, as Stable Diffusion's 0.18215 was chosen."""
+    source = open_source(cfg.data.path, cfg.data.split)
+    transform = EvalTransform(cfg.data.image_size)
+    images = []
+    for i in range(len(source)):
+        data = source[i].data
+        try:
+            images.append(transform(decode_image(data) if isinstance(data, bytes) else data))
+        except BadImage:
+            continue
+        if len(images) == num_images:
+            break
+    if not images:
+        raise UserError(f"no readable image in {cfg.data.path} to measure the latent scale")
+    z = torch.cat([autoencoder.encode_latent(torch.stack(images[i:i + 64])) for i in range(0, len(images), 64)])
+    return 1.0 / float(z.float().std())
+
+
+def latent_model_config(cfg, autoencoder: torch.nn.Module) -> UMDConfig:
+    """cfg.model with latent_channels / latent_downsample from the autoencoder and latent_scale: the config's when
+    set, else a diffusers VAE's scaling_factor, else measured on the data (`latent_scale`)."""
+    m, ac = cfg.model, autoencoder.config
+    for key, value in (("latent_channels", ac.z_channels), ("latent_downsample", ac.downsample_factor)):
+        if getattr(m, key) not in (0, 1, value):
+            raise ConfigError(f"model.{key} is {getattr(m, key)} but umd.autoencoder gives {value}: leave it unset")
+    scale = m.latent_scale or getattr(ac, "scaling_factor", None) or latent_scale(autoencoder, cfg)
+    log.info("latent mode: %d-channel latents at 1/%d, scale %.5g", ac.z_channels, ac.downsample_factor, scale)
+    return dataclasses.replace(m, latent_channels=ac.z_channels, latent_downsample=ac.downsample_factor,
+                               latent_scale=scale)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from ..errors import ConfigError, UserError
 from ..masking import random_masking
 from ..options import Options, option
 from ..registry import MODELS
+from .frozen_tokenizer import FrozenTokenizerMixin
 from .layers import Block, PatchEmbed, init_vit_weights, modulate
 
 # The reference's variants (`decode_variant`): width, encoder depth, decoder depth, heads.
@@ -58,10 +59,11 @@ class UMDConfig(Options):
                                      "linear (latents, no clipping)", choices=SCHEDULES)
     num_timesteps: int = option(1000, "diffusion steps T", min=2)
     latent_channels: int = option(0, "0: diffusion on pixels; >0: on latents of this many channels of the "
-                                     "attached autoencoder (`autoencoder/`)", min=0)
+                                     "attached frozen autoencoder (set from `umd.autoencoder`)", min=0)
     latent_downsample: int = option(1, "pixels per latent cell of the autoencoder (latent mode)", min=1)
-    latent_scale: float = option(1.0, "latents are multiplied by this before diffusion (recorded from the "
-                                      "autoencoder's data at the start of training)", gt=0.0)
+    latent_scale: float = option(0.0, "latent mode: latents are multiplied by this before diffusion (a diffusers "
+                                      "VAE's scaling_factor, else 1 / std of the training data's latents, measured "
+                                      "when training starts); 0: not set yet", min=0.0)
 
     def validate(self):
         if self.embed_dim % self.num_heads:
@@ -71,6 +73,8 @@ class UMDConfig(Options):
         if self.image_size % self.latent_downsample:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of latent_downsample "
                               f"{self.latent_downsample}")
+        if self.latent_channels and self.latent_downsample < 2:
+            raise ConfigError("latent mode (latent_channels > 0) needs latent_downsample, the autoencoder's factor")
         if self.input_size % self.patch_size:
             raise ConfigError(f"the model's input side {self.input_size} is not a multiple of patch_size "
                               f"{self.patch_size}")
@@ -110,8 +114,10 @@ class Trunk(nn.Sequential):
 
 
 @MODELS.register("umd", config=UMDConfig)
-class UMD(nn.Module):
-    """UMD auto-encoder; see the module docstring. Masks are float [B, L] (0 = kept, 1 = masked)."""
+class UMD(FrozenTokenizerMixin, nn.Module):
+    """UMD auto-encoder; see the module docstring. Masks are float [B, L] (0 = kept, 1 = masked). In latent mode the
+    frozen autoencoder rides along as `tokenizer` (outside the state_dict, saved in `tokenizer/`): our VQGAN
+    tokenizer (its continuous latent before quantisation) or a diffusers AutoencoderKL."""
 
     default_pool = "cls"  # the reference's representation: the mean of the 4 CLS outputs at t = 0, no masking
     default_sampler = "ddim"
@@ -237,22 +243,40 @@ class UMD(nn.Module):
         """x0 is clipped to [-1, 1] when sampling in pixel space (the reference's `clip_denoised`)."""
         return not self.config.latent_channels
 
+    def check_tokenizer(self, tok: nn.Module) -> None:
+        """The autoencoder must give latents of `latent_channels` channels at `latent_downsample`."""
+        c = self.config
+        got = (tok.config.z_channels, tok.config.downsample_factor)
+        if not c.latent_channels:
+            raise UserError("a pixel-space UMD model (latent_channels 0) takes no autoencoder")
+        if got != (c.latent_channels, c.latent_downsample):
+            raise UserError(f"the autoencoder gives {got[0]}-channel latents at 1/{got[1]} of the image side, but this "
+                            f"UMD model diffuses {c.latent_channels}-channel latents at 1/{c.latent_downsample}")
+
+    def _autoencoder(self) -> nn.Module:
+        if self.tokenizer is None:
+            raise UserError("this latent-mode UMD model has no autoencoder attached (no tokenizer/ folder beside its "
+                            "weights)")
+        return self.tokenizer
+
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] in [0, 1] -> model space [B, C, h, w]: pixels in [-1, 1]."""
-        if self.config.latent_channels:
-            raise UserError("latent-mode UMD is not implemented yet (no autoencoder can be attached): use a pixel "
-                            "model (latent_channels 0)")
-        return images * 2 - 1
+        """images [B, 3, H, W] in [0, 1] -> model space [B, C, h, w]: pixels in [-1, 1], or the autoencoder's latents
+        times `latent_scale` (no grad)."""
+        if not self.config.latent_channels:
+            return images * 2 - 1
+        with torch.no_grad():
+            return self._autoencoder().encode_latent(images.float()) * self.config.latent_scale
 
     def decode_samples(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples [B, C, h, w] in model space -> images [B, 3, H, W] in [0, 1]."""
-        if self.config.latent_channels:
-            raise UserError("latent-mode UMD is not implemented yet: its samples cannot be decoded")
-        return ((samples.float() + 1) / 2).clamp(0, 1)
+        if not self.config.latent_channels:
+            return ((samples.float() + 1) / 2).clamp(0, 1)
+        with torch.no_grad():
+            return self._autoencoder().decode_latent(samples.float() / self.config.latent_scale).clamp(0, 1)
 
     def check_can_sample(self) -> None:
         if self.config.latent_channels:
-            raise UserError("latent-mode UMD is not implemented yet: its samples cannot be decoded")
+            self._autoencoder()
 
     # ---------------------------------------------------------------------------------- features
     def forward_features(self, images: torch.Tensor, pool: str = "cls", generator: torch.Generator | None = None):

@@ -10,8 +10,10 @@ and the call at t = 0 returns x0. Classifier-free guidance acts on the whole 2C 
 out = out(null class) + s (out(class) - out(null class)).
 
 Why not diffusers' DDIMScheduler: none of its timestep spacings gives this grid ("trailing" gives 999 ... 7 and
-then steps to ᾱ = 1 without the final t = 0 call; "leading" gives 992 ... 0), and diffusers is not a dependency.
-This scheduler keeps its shape (`set_timesteps` / `timesteps` / `step`).
+then steps to ᾱ_0 without the final t = 0 call; "leading" gives 992 ... 0), and diffusers is not a dependency.
+This scheduler keeps its shape (`set_timesteps` / `timesteps` / `step`). Checked against diffusers 0.42.1
+(tests/sampling/test_ddim.py, run where diffusers is installed): with `squaredcos_cap_v2` betas, trailing spacing,
+`clip_sample=True` and `use_clipped_model_output=True` its step equals ours at every grid step but the last.
 
 The model declares (duck typing, `maskgen.sampling.base`): `schedule` (a `DiffusionSchedule`), `sample_shape`
 (C, h, w), `clip_denoised`, `config.num_classes` (0: unconditional), `null_class`, and

@@ -11,7 +11,9 @@ import maskgen
 from maskgen.api import build_config
 from maskgen.data.transforms import EvalTransform
 from maskgen.methods.umd import UMDMethod, UMDObjective, masked_mean, umd_loss
+from maskgen.models import save_pretrained
 from maskgen.models.umd import UMD, UMDConfig
+from maskgen.models.vqgan import VQGAN
 
 from conftest import cifar_jpegs, run_cli
 
@@ -212,3 +214,43 @@ def test_eval_features_at_a_noise_level(stages, tmp_path):
     assert json.loads((tmp_path / "n.json").read_text())["t"] == 50, noised.stdout + clean.stdout
     bad = run_cli("eval", "knn", "--ckpt", "pixels", "--data", "mnist5k", "--t", 50, "--json", tmp_path / "p.json")
     assert bad.returncode == 2 and "--t" in bad.stderr
+
+
+@pytest.mark.slow
+def test_latent_mode_on_our_tokenizer_records_the_scale_and_samples(tmp_path):
+    torch.manual_seed(0)
+    tok = tmp_path / "tok"
+    save_pretrained(VQGAN(build_config("tokenizer", "tokenizer-tiny").model), tok)  # 32 px -> 8x8 x 32 channels
+    run = tmp_path / "latent"
+    run_cli("train", "umd", "--config", "umd-tiny", *TINY, f"umd.autoencoder={tok}", "model.patch_size=2",
+            "model.schedule=linear", "train.max_steps=2", "--run-dir", run, check=True)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert (cfg["latent_channels"], cfg["latent_downsample"]) == (32, 4)
+    model = maskgen.from_pretrained(run)
+    z = model.tokenizer.encode_latent(torch.rand(4, 3, 32, 32))
+    assert cfg["latent_scale"] > 0 and model.config.latent_scale == cfg["latent_scale"]
+    assert model.sample_shape == (32, 8, 8) and not model.clip_denoised
+    x = model.to_model_space(torch.rand(2, 3, 32, 32))
+    assert x.shape == (2, 32, 8, 8) and z.shape == (4, 32, 8, 8)
+    run_cli("generate", "--ckpt", run, "--out", tmp_path / "g", "--num-images", 2, "--steps", 3, check=True)
+    assert len(list((tmp_path / "g").glob("*.png"))) == 2
+    feats = run_cli("features", "--ckpt", run, "--data", "mnist5k", "--limit", 8, "--out", tmp_path / "f.safetensors",
+                    check=True)
+    assert load_file(str(tmp_path / "f.safetensors"))["features"].shape == (8, 64), feats.stderr
+
+
+@pytest.mark.slow
+def test_latent_mode_on_a_local_diffusers_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                  layers_per_block=1, scaling_factor=0.25)
+    vae.save_pretrained(tmp_path / "vae")
+    run = tmp_path / "latent"
+    run_cli("train", "umd", "--config", "umd-tiny", *TINY, f"umd.autoencoder=diffusers:{tmp_path / 'vae'}",
+            "model.patch_size=4", "train.max_steps=1", "--run-dir", run, check=True)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert (cfg["latent_channels"], cfg["latent_downsample"], cfg["latent_scale"]) == (4, 2, 0.25)
+    run_cli("generate", "--ckpt", run, "--out", tmp_path / "g", "--num-images", 1, "--steps", 2, check=True)
+    assert maskgen.from_pretrained(run).tokenizer.model_name == "diffusers-autoencoder-kl"

@@ -139,3 +139,23 @@ def test_class_and_guidance_options_are_checked_against_the_model():
     with pytest.raises(UserError, match="--class"):
         DDIMScheduler(class_label="cat").labels(cond, 2)
     assert DDIMScheduler().guidance(cond) == 1.5 and DDIMScheduler().guidance(uncond) == 1.0
+
+
+@pytest.mark.parametrize("t", [999, 503, 15])
+def test_a_step_off_the_ends_equals_diffusers_ddim_with_clipped_eps(t):
+    """diffusers' DDIMScheduler (cosine betas, trailing spacing, x0 clipping, ε re-derived from the clipped x0) takes
+    the same step as ours wherever the grids agree: everywhere but the final t = 0 call, which it lacks."""
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                                     set_alpha_to_one=False, timestep_spacing="trailing")
+    theirs.set_timesteps(125)
+    ours = DDIMScheduler(steps=125, eta=1.0)
+    ours.set_schedule(DiffusionSchedule("cosine"), clip=True)
+    assert theirs.timesteps.tolist() == ours.timesteps[:-1]
+    t = ours.timesteps[min(range(125), key=lambda i: abs(ours.timesteps[i] - t))]
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 6, 8, 8, generator=g) * 1.5
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    mine = ours.step(out, t, x, generator=torch.Generator().manual_seed(7)).prev_sample
+    ref = theirs.step(out[:, 3:], t, x, eta=1.0, use_clipped_model_output=True, variance_noise=z).prev_sample
+    torch.testing.assert_close(mine, ref, atol=2e-4, rtol=1e-4)
