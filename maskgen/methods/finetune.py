@@ -6,7 +6,8 @@ Per step: images (RandomResizedCrop + flip from `data`, then optional RandAugmen
 cross-entropy with label smoothing. AdamW with layer-wise lr decay: parameter group of layer i gets
 lr x layer_decay^(depth + 1 - i) (embeddings 0, blocks.i i+1, norms and head depth+1); 1-D parameters get no
 weight decay. The pre-trained model builds its classifier (`as_classifier(num_classes, drop_path, pool)`: MAGE ->
-`MAGEClassifier`, MAE -> `MAEClassifier`), which gives `layer_id(name)` and `num_layers`. The periodic / final hook evaluates top-1/top-5 on `finetune.eval_data` (centre crop) and writes
+`MAGEClassifier`, MAE -> `MAEClassifier`, UMD -> `UMDClassifier`), which gives `layer_id(name)` and `num_layers`.
+The periodic / final hook evaluates top-1/top-5 on `finetune.eval_data` (centre crop) and writes
 `eval/finetune.json` in the run directory.
 """
 from __future__ import annotations

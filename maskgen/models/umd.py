@@ -278,6 +278,13 @@ class UMD(FrozenTokenizerMixin, nn.Module):
         if self.config.latent_channels:
             self._autoencoder()
 
+    # ---------------------------------------------------------------------------------- fine-tuning
+    def as_classifier(self, num_classes: int, drop_path: float = 0.1, pool: str = "cls") -> nn.Module:
+        """This encoder at time 0 + a new linear head, for `maskgen eval finetune` (`UMDClassifier`)."""
+        from .umd_classifier import UMDClassifier
+
+        return UMDClassifier.from_umd(self, num_classes, drop_path, pool)
+
     # ---------------------------------------------------------------------------------- features
     def forward_features(self, images: torch.Tensor, pool: str = "cls", generator: torch.Generator | None = None):
         """Features of images [B, 3, H, W] in [0, 1], nothing masked: clean at time 0 (`feature_t` None), or noised

@@ -2,14 +2,17 @@
 and the two stages end to end (pre-training, class-conditional fine-tuning with EMA, resume, generation)."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 import maskgen
 from maskgen.api import build_config
 from maskgen.data.transforms import EvalTransform
+from maskgen.eval.image_sets import GeneratedImages
 from maskgen.methods.umd import UMDMethod, UMDObjective, masked_mean, umd_loss
 from maskgen.models import save_pretrained
 from maskgen.models.umd import UMD, UMDConfig
@@ -185,6 +188,11 @@ def test_generation_from_both_stages_and_its_errors(stages, tmp_path):
     ok = run_cli("generate", "--ckpt", root / "ft", "--out", tmp_path / "g", "--num-images", 3, "--steps", 4,
                  "--cfg", "3", "--class", "all", check=True)
     assert len(list((tmp_path / "g").glob("*.png"))) == 3, ok.stderr
+    # `eval fid --input1 CKPT --num-gen N` scores what `generate` writes: the same classes (i mod 10), EMA weights
+    scored = torch.cat(list(GeneratedImages(str(root / "ft"), 3, seed=0, steps=4, cfg=3.0,
+                                            class_label="all").batches(2)))
+    written = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "g" / f"{i:06d}.png"))) for i in range(3)])
+    assert (scored.permute(0, 2, 3, 1).numpy().astype(int) - written.numpy().astype(int)).__abs__().max() <= 1
     run_cli("generate", "--ckpt", root / "pre", "--out", tmp_path / "u", "--num-images", 2, "--steps", 3, check=True)
     for flags, words in ((["--class", "1"], "unconditional"), (["--cfg", "2"], "--cfg")):
         bad = run_cli("generate", "--ckpt", root / "pre", "--out", tmp_path / "bad", "--num-images", 1, "--steps", 2,
@@ -254,3 +262,19 @@ def test_latent_mode_on_a_local_diffusers_vae(tmp_path):
     assert (cfg["latent_channels"], cfg["latent_downsample"], cfg["latent_scale"]) == (4, 2, 0.25)
     run_cli("generate", "--ckpt", run, "--out", tmp_path / "g", "--num-images", 1, "--steps", 2, check=True)
     assert maskgen.from_pretrained(run).tokenizer.model_name == "diffusers-autoencoder-kl"
+
+
+@pytest.mark.slow
+def test_umd_finetunes_through_eval_finetune(stages, tmp_path):
+    root, _ = stages
+    run_cli("eval", "finetune", "--ckpt", root / "pre", "--data", "mnist5k", "--config", "finetune-tiny",
+            "--run-dir", tmp_path / "ft", "train.max_steps=2", "data.limit=32", "finetune.eval_limit=16", check=True)
+    result = json.loads((tmp_path / "ft" / "eval" / "finetune.json").read_text())
+    assert result["num_eval"] == 16 and 0 <= result["top1"] <= 100
+    clf = maskgen.from_pretrained(tmp_path / "ft")
+    assert clf.model_name == "umd-classifier" and not hasattr(clf.encoder, "decoder_blocks")
+    pre = maskgen.from_pretrained(root / "pre")
+    with torch.no_grad():  # the classifier's features at init are the pre-trained model's (time 0, mean CLS)
+        fresh = pre.as_classifier(10, drop_path=0.0).eval()
+        x = torch.rand(2, 3, 32, 32)
+        torch.testing.assert_close(fresh.forward_features(x), pre.forward_features(x))

@@ -1,0 +1,93 @@
+"""The fine-tuning model of UMD (`maskgen eval finetune`): its encoder at time 0 + a classification head.
+
+images [B, 3, S, S] in [0, 1] -> model space (pixels in [-1, 1]; pixel-mode UMD only) -> the pre-trained encoder
+(patch embedding, position table, 4 CLS tokens, blocks conditioned on the clean time 0 through the pre-trained
+time trunk, final norm; nothing masked; stochastic depth rising linearly to `drop_path`) -> pool ("cls": the mean
+of the 4 CLS outputs, UMD's representation; "mean": the mean of the patch outputs) -> Linear head [B, num_classes]
+(trunc_normal std 2e-5, bias 0). The decoder and any label embedder are not part of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from ..errors import UserError
+from ..options import Options, option
+from ..registry import MODELS
+from .umd import NUM_CLS, UMD, UMDConfig
+
+DECODER_PARTS = ("mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "final_modulation", "head")
+
+
+@dataclass
+class UMDClassifierConfig(Options):
+    encoder: dict = option({}, "the pre-trained UMDConfig, as a dict")
+    num_classes: int = option(10, "classes of the head", min=1)
+    drop_path: float = option(0.1, "stochastic depth rate of the last block", min=0.0, lt=1.0)
+    pool: str = option("cls", "cls: the mean of the 4 CLS outputs (UMD's representation); mean: of the patch outputs",
+                       choices=("mean", "cls"))
+
+
+@MODELS.register("umd-classifier", config=UMDClassifierConfig)
+class UMDClassifier(nn.Module):
+    def __init__(self, config: UMDClassifierConfig):
+        super().__init__()
+        self.config = config
+        enc = UMDConfig(**{**config.encoder, "num_classes": 0})
+        if enc.latent_channels:
+            raise UserError("fine-tuning a latent-mode UMD as a classifier is not supported (pixel-mode UMD only)")
+        self.encoder = UMD(enc)
+        for name in DECODER_PARTS:
+            delattr(self.encoder, name)
+        depth = len(self.encoder.blocks)
+        for blk, rate in zip(self.encoder.blocks, torch.linspace(0, config.drop_path, depth).tolist()):
+            blk.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
+        self.head = nn.Linear(enc.embed_dim, config.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def image_size(self) -> int:
+        return self.encoder.config.image_size
+
+    @property
+    def default_pool(self) -> str:
+        return self.config.pool
+
+    @property
+    def num_layers(self) -> int:
+        """The top layer id of `layer_id` (depth + 1)."""
+        return len(self.encoder.blocks) + 1
+
+    @classmethod
+    def from_umd(cls, umd: UMD, num_classes: int, drop_path: float = 0.1, pool: str = "cls") -> "UMDClassifier":
+        """A classifier whose encoder (and time trunk) are `umd`'s."""
+        model = cls(UMDClassifierConfig(dataclasses.asdict(umd.config), num_classes, drop_path, pool))
+        own = model.encoder.state_dict()
+        model.encoder.load_state_dict({k: v for k, v in umd.state_dict().items() if k in own}, strict=True)
+        return model
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay index: embeddings, CLS tokens and the time trunk 0, blocks.i i+1, the rest depth+1."""
+        if name.startswith(("encoder.patch_embed.", "encoder.pos_embed", "encoder.cls_tokens", "encoder.time_trunk.")):
+            return 0
+        if name.startswith("encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        return self.num_layers
+
+    def forward_features(self, images: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """images [B, 3, S, S] in [0, 1] -> pooled features [B, D]; `pool` must be the fine-tuned one (None: it)."""
+        pool = pool or self.config.pool
+        if pool != self.config.pool:
+            raise ValueError(f"this classifier was fine-tuned with pool '{self.config.pool}', not '{pool}'")
+        time = torch.zeros(len(images), dtype=torch.long, device=images.device)
+        latent, _, _ = self.encoder.forward_encoder(images * 2 - 1, self.encoder.condition(time))
+        return latent[:, :NUM_CLS].mean(1) if pool == "cls" else latent[:, NUM_CLS:].mean(1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] -> logits [B, num_classes]."""
+        return self.head(self.forward_features(images))
