@@ -38,7 +38,7 @@ T_HELP = ("features of the images noised to diffusion step T (0..T-1) and told T
 
 
 def _feature_args(p: argparse.ArgumentParser, batch_default: int) -> None:
-    p.add_argument("--ckpt", required=True, help="MAGE, MAE or tokenizer weights / checkpoint / run directory, or "
+    p.add_argument("--ckpt", required=True, help="MAGE, MAE, UMD or tokenizer weights / checkpoint / run directory, or "
                                                  "'pixels': the raw pixels of --image-size images (default 32), the "
                                                  "baseline any encoder must beat")
     p.add_argument("--untrained", action="store_true",

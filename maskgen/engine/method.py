@@ -63,8 +63,8 @@ class Method(nn.Module):
     - `release_model()`: the sub-module saved as `model.safetensors` (what `from_pretrained` returns);
       anything else trainable (a discriminator, a projection head) goes into the training state.
     - `hooks()`: callables `hook(method, ctx: HookContext)` run every `vis.every` steps and at the end.
-- `init_from(directory)`: start from saved weights (`train.init_from`, a later training stage) before the
-  optimizer and the EMA are made; the default loads the release model's tensors (`load_release_weights`).
+    - `init_from(directory)`: start from saved weights (`train.init_from`, a later training stage) before the
+      optimizer and the EMA are made; the default loads the release model's tensors (`load_release_weights`).
     Randomness inside `forward_loss` uses torch's global RNG, which the engine re-seeds every micro-step
     from (seed, rank, step), so runs are reproducible and resume exactly.
     """

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import UserError
 from ..options import Options, option
 from ..registry import MODELS
+from .encoder_classifier import EncoderClassifier
 from .frozen_tokenizer import FrozenTokenizerMixin
 from .layers import Block
 from .mage import MAGE, MAGEConfig, TokenEmbedding
@@ -34,7 +35,9 @@ class MAGEClassifierConfig(Options):
 
 
 @MODELS.register("mage-classifier", config=MAGEClassifierConfig)
-class MAGEClassifier(FrozenTokenizerMixin, nn.Module):
+class MAGEClassifier(FrozenTokenizerMixin, EncoderClassifier):
+    embedding_prefixes = ("token_emb.",)
+
     def __init__(self, config: MAGEClassifierConfig):
         super().__init__()
         self.config = config
@@ -47,23 +50,15 @@ class MAGEClassifier(FrozenTokenizerMixin, nn.Module):
         # only the pooling's norm exists, so that every parameter gets a gradient (DDP)
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if config.pool == "cls" else None
         self.fc_norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if config.pool == "mean" else None
-        self.head = nn.Linear(c.embed_dim, config.num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)
-        nn.init.zeros_(self.head.bias)
+        self.init_head(c.embed_dim)
 
     @property
     def image_size(self) -> int:
         return self.mage_config.image_size
 
     @property
-    def default_pool(self) -> str:
-        """The pooling it was fine-tuned with (what its features use by default)."""
-        return self.config.pool
-
-    @property
-    def num_layers(self) -> int:
-        """The top layer id of `layer_id` (depth + 1)."""
-        return self.mage_config.depth + 1
+    def depth(self) -> int:
+        return self.mage_config.depth
 
     @classmethod
     def from_mage(cls, mage: MAGE, num_classes: int, drop_path: float = 0.1, pool: str = "mean") -> "MAGEClassifier":
@@ -77,21 +72,10 @@ class MAGEClassifier(FrozenTokenizerMixin, nn.Module):
         model.set_tokenizer(mage.tokenizer)
         return model
 
-    def layer_id(self, name: str) -> int:
-        """Layer-wise lr decay index (official `get_layer_id_for_vit`): token_emb 0, blocks.i i+1, the rest
-        (norm, fc_norm, head) depth+1."""
-        if name.startswith("token_emb."):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.mage_config.depth + 1
-
     def forward_features(self, x: torch.Tensor, pool: str | None = None) -> torch.Tensor:
         """images [B, 3, S, S] in [0, 1] (or tokens [B, L] long) -> pooled features [B, D]; `pool` must be the
         one the classifier was fine-tuned with (None: that one)."""
-        pool = pool or self.config.pool
-        if pool != self.config.pool:
-            raise ValueError(f"this classifier was fine-tuned with pool '{self.config.pool}', not '{pool}'")
+        pool = self.check_pool(pool)
         if x.is_floating_point():
             if self.tokenizer is None:
                 raise UserError("this classifier has no tokenizer attached, so it cannot read images")
@@ -106,7 +90,3 @@ class MAGEClassifier(FrozenTokenizerMixin, nn.Module):
         if pool == "mean":
             return self.fc_norm(h[:, 1:].mean(1))
         return self.norm(h)[:, 0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, S, S] (or tokens) -> logits [B, num_classes]."""
-        return self.head(self.forward_features(x))

@@ -230,6 +230,13 @@ class MAE(nn.Module):
         return MAEClassifier.from_mae(self, num_classes, drop_path, pool)
 
     # ---------------------------------------------------------------------------------- features
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [0, 1], nothing masked -> the last block's outputs [B, 1+L, D], before the norm."""
+        x = self._with_cls(self.embed(images))
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
     def forward_features(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
         """Downstream features of images [B, 3, H, W] in [0, 1], nothing masked. pool="cls": norm(x)[:, 0], the
         [CLS] token (official linear probe) -> [B, D]; "mean": parameter-free LayerNorm(1e-6) of the mean patch
@@ -237,9 +244,7 @@ class MAE(nn.Module):
         "none": norm(x) -> [B, 1+L, D]."""
         if pool not in ("mean", "cls", "none"):
             raise ValueError(f"pool must be 'mean', 'cls' or 'none', got {pool!r}")
-        x = self._with_cls(self.embed(images))
-        for blk in self.blocks:
-            x = blk(x)
+        x = self.encode(images)
         if pool == "mean":
             return F.layer_norm(x[:, 1:].mean(1), (x.shape[-1],), eps=1e-6)
         x = self.norm(x)

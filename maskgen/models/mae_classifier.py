@@ -11,11 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from timm.layers import DropPath
 from torch import nn
 
 from ..options import Options, option
 from ..registry import MODELS
+from .encoder_classifier import EncoderClassifier, linear_drop_path
 from .mae import MAE, MAEConfig
 
 
@@ -29,35 +29,28 @@ class MAEClassifierConfig(Options):
 
 
 @MODELS.register("mae-classifier", config=MAEClassifierConfig)
-class MAEClassifier(nn.Module):
+class MAEClassifier(EncoderClassifier):
+    embedding_prefixes = ("encoder.patch_embed.", "encoder.cls_token", "encoder.pos_embed")
+    block_prefix = "encoder.blocks."
+
     def __init__(self, config: MAEClassifierConfig):
         super().__init__()
         self.config = config
         self.encoder = MAE(MAEConfig(**{**config.encoder, "decoder_depth": 0}))
-        depth = len(self.encoder.blocks)
-        for blk, rate in zip(self.encoder.blocks, torch.linspace(0, config.drop_path, depth).tolist()):
-            blk.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
+        linear_drop_path(self.encoder.blocks, config.drop_path)
         dim = self.encoder.config.embed_dim
         if config.pool == "mean":  # only the pooling's norm takes part, so that every parameter gets a gradient (DDP)
             self.encoder.norm = nn.Identity()
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if config.pool == "mean" else None
-        self.head = nn.Linear(dim, config.num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)
-        nn.init.zeros_(self.head.bias)
+        self.init_head(dim)
 
     @property
     def image_size(self) -> int:
         return self.encoder.config.image_size
 
     @property
-    def default_pool(self) -> str:
-        """The pooling it was fine-tuned with (what its features use by default)."""
-        return self.config.pool
-
-    @property
-    def num_layers(self) -> int:
-        """The top layer id of `layer_id` (depth + 1)."""
-        return len(self.encoder.blocks) + 1
+    def depth(self) -> int:
+        return len(self.encoder.blocks)
 
     @classmethod
     def from_mae(cls, mae: MAE, num_classes: int, drop_path: float = 0.1, pool: str = "mean") -> "MAEClassifier":
@@ -67,25 +60,8 @@ class MAEClassifier(nn.Module):
         model.encoder.load_state_dict({k: v for k, v in mae.state_dict().items() if k in own}, strict=True)
         return model
 
-    def layer_id(self, name: str) -> int:
-        """Layer-wise lr decay index (official `get_layer_id_for_vit`): patch_embed, cls_token 0, blocks.i i+1, the
-        rest (norms, head) depth+1."""
-        if name.startswith(("encoder.patch_embed.", "encoder.cls_token", "encoder.pos_embed")):
-            return 0
-        if name.startswith("encoder.blocks."):
-            return int(name.split(".")[2]) + 1
-        return self.num_layers
-
     def forward_features(self, images: torch.Tensor, pool: str | None = None) -> torch.Tensor:
         """images [B, 3, S, S] in [0, 1] -> pooled features [B, D]; `pool` must be the fine-tuned one (None: it)."""
-        pool = pool or self.config.pool
-        if pool != self.config.pool:
-            raise ValueError(f"this classifier was fine-tuned with pool '{self.config.pool}', not '{pool}'")
-        x = self.encoder._with_cls(self.encoder.embed(images))
-        for blk in self.encoder.blocks:
-            x = blk(x)
+        pool = self.check_pool(pool)
+        x = self.encoder.encode(images)
         return self.fc_norm(x[:, 1:].mean(1)) if pool == "mean" else self.encoder.norm(x)[:, 0]
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, S, S] -> logits [B, num_classes]."""
-        return self.head(self.forward_features(images))

@@ -99,7 +99,7 @@ class UMDConfig(Options):
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """The reference's `TimeEmb`: t [B] (float) -> [B, dim] = [sin(t f), cos(t f)], f_i = exp(-log(1e4) i / (half-1))."""
+    """The reference's `TimeEmb`: t [B] -> [B, dim] = [sin(t f), cos(t f)], f_i = exp(-log(1e4) i / (half - 1))."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
     args = t.float()[:, None] * freqs[None]

@@ -12,12 +12,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from timm.layers import DropPath
-from torch import nn
 
 from ..errors import UserError
 from ..options import Options, option
 from ..registry import MODELS
+from .encoder_classifier import EncoderClassifier, linear_drop_path
 from .umd import NUM_CLS, UMD, UMDConfig
 
 DECODER_PARTS = ("mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "final_modulation", "head")
@@ -33,7 +32,10 @@ class UMDClassifierConfig(Options):
 
 
 @MODELS.register("umd-classifier", config=UMDClassifierConfig)
-class UMDClassifier(nn.Module):
+class UMDClassifier(EncoderClassifier):
+    embedding_prefixes = ("encoder.patch_embed.", "encoder.pos_embed", "encoder.cls_tokens", "encoder.time_trunk.")
+    block_prefix = "encoder.blocks."
+
     def __init__(self, config: UMDClassifierConfig):
         super().__init__()
         self.config = config
@@ -43,25 +45,16 @@ class UMDClassifier(nn.Module):
         self.encoder = UMD(enc)
         for name in DECODER_PARTS:
             delattr(self.encoder, name)
-        depth = len(self.encoder.blocks)
-        for blk, rate in zip(self.encoder.blocks, torch.linspace(0, config.drop_path, depth).tolist()):
-            blk.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
-        self.head = nn.Linear(enc.embed_dim, config.num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)
-        nn.init.zeros_(self.head.bias)
+        linear_drop_path(self.encoder.blocks, config.drop_path)
+        self.init_head(enc.embed_dim)
 
     @property
     def image_size(self) -> int:
         return self.encoder.config.image_size
 
     @property
-    def default_pool(self) -> str:
-        return self.config.pool
-
-    @property
-    def num_layers(self) -> int:
-        """The top layer id of `layer_id` (depth + 1)."""
-        return len(self.encoder.blocks) + 1
+    def depth(self) -> int:
+        return len(self.encoder.blocks)
 
     @classmethod
     def from_umd(cls, umd: UMD, num_classes: int, drop_path: float = 0.1, pool: str = "cls") -> "UMDClassifier":
@@ -71,23 +64,9 @@ class UMDClassifier(nn.Module):
         model.encoder.load_state_dict({k: v for k, v in umd.state_dict().items() if k in own}, strict=True)
         return model
 
-    def layer_id(self, name: str) -> int:
-        """Layer-wise lr decay index: embeddings, CLS tokens and the time trunk 0, blocks.i i+1, the rest depth+1."""
-        if name.startswith(("encoder.patch_embed.", "encoder.pos_embed", "encoder.cls_tokens", "encoder.time_trunk.")):
-            return 0
-        if name.startswith("encoder.blocks."):
-            return int(name.split(".")[2]) + 1
-        return self.num_layers
-
     def forward_features(self, images: torch.Tensor, pool: str | None = None) -> torch.Tensor:
         """images [B, 3, S, S] in [0, 1] -> pooled features [B, D]; `pool` must be the fine-tuned one (None: it)."""
-        pool = pool or self.config.pool
-        if pool != self.config.pool:
-            raise ValueError(f"this classifier was fine-tuned with pool '{self.config.pool}', not '{pool}'")
+        pool = self.check_pool(pool)
         time = torch.zeros(len(images), dtype=torch.long, device=images.device)
         latent, _, _ = self.encoder.forward_encoder(images * 2 - 1, self.encoder.condition(time))
         return latent[:, :NUM_CLS].mean(1) if pool == "cls" else latent[:, NUM_CLS:].mean(1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, S, S] -> logits [B, num_classes]."""
-        return self.head(self.forward_features(images))

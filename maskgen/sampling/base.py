@@ -177,7 +177,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             group.add_argument(flag, dest=FLAG_PREFIX + f.name, default=None, metavar=f.name.upper(),
                                type=flag_type(hints[f.name], flag, **bounds),
-                               help=f"{f.metadata.get('help', '')}{'' if default is None else f' (default: {default})'}")
+                               help=f.metadata.get("help", "") + ("" if default is None else f" (default: {default})"))
 
 
 def sampler_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
