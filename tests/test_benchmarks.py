@@ -82,3 +82,18 @@ def test_token_predictability_tells_structure_from_noise(tmp_path):
     assert ordered_row["H(x|left) shuffled"] > 3.9 and ordered_row["context top1 %"] > 95
     assert ordered_row["info bits"] > 3.5
     assert noise_row["H(x|left)"] > 3.5 and noise_row["context top1 %"] < 15 and noise_row["info bits"] < 0.3
+
+
+def test_umd_throughput_tiny(tmp_path):
+    out = tmp_path / "umd_throughput.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "umd_throughput.py"), "--config", "umd-tiny", "--batch", "8",
+           "--gen-batch", "2", "--steps", "2", "4", "--precision", "fp32", "--min-time", "0.1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    samples = {(r["steps"], r["cfg"]): r for r in rows if r["what"].startswith("sample")}
+    assert set(samples) == {(2, 1.0), (2, 1.5), (4, 1.0), (4, 1.5)} and rows[0]["what"] == "train step"
+    assert all(r["img/s"] > 0 for r in rows)
+    # guidance doubles the network's batch, more steps mean more calls: both cost time
+    assert samples[(4, 1.5)]["s/call"] > samples[(2, 1.0)]["s/call"]
