@@ -29,11 +29,17 @@ from .seeding import per_image_generators
 EDIT_KINDS = ("inpaint", "outpaint", "uncrop")
 
 
-def load_generator_model(ckpt: str | os.PathLike, device: str = "cpu"):
-    """The model saved in `ckpt`, in eval mode, with its EMA weights where the checkpoint has them (samplers use the
-    EMA, as DiT and UMD), checked able to generate: it names a `default_sampler`, and its `check_can_sample()`
-    (MAGE: a tokenizer is attached) passes."""
-    model = from_pretrained(ckpt, ema="auto", device=device)
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def load_generator_model(ckpt: str | os.PathLike, device: str = "cpu", weights: str = "auto"):
+    """The model saved in `ckpt`, in eval mode, checked able to generate: it names a `default_sampler`, and its
+    `check_can_sample()` (MAGE: a tokenizer is attached) passes. `weights`: "auto" = its EMA weights where the
+    checkpoint has them (samplers use the EMA, as DiT and UMD), else the trained ones; "ema" (an error without
+    them); "raw" = the trained weights."""
+    if weights not in WEIGHTS:
+        raise UserError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    model = from_pretrained(ckpt, ema={"auto": "auto", "ema": True, "raw": False}[weights], device=device)
     check_can_generate(model, source=str(ckpt))
     return model
 
@@ -59,16 +65,16 @@ def _batches(model, sampler: Sampler, num_images: int, batch_size: int, seed: in
 
 
 def generate_images(ckpt: str | os.PathLike, out: str | os.PathLike, num_images: int, seed: int = 0,
-                    batch_size: int = 16, device: str = "cpu", progress: bool = True,
+                    batch_size: int = 16, device: str = "cpu", progress: bool = True, weights: str = "auto",
                     **sampler_options: Any) -> Path:
     """Generate `num_images` images from scratch into `out/` as 000000.png ... and a contact sheet of the first 64
     beside the folder (`grid_path(out)`, so that the folder holds the samples only, as FID tools read it);
-    `sampler_options` (e.g. num_iter=20) go to the model's sampler."""
+    `sampler_options` (e.g. num_iter=20) go to the model's sampler; `weights`: see `load_generator_model`."""
     if num_images < 1 or batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
     out = prepare_dir(out, "output folder")
     grid_file = prepare_file(grid_path(out), "grid image")
-    model = load_generator_model(ckpt, device)
+    model = load_generator_model(ckpt, device, weights)
     batches = generated_batches(model, num_images, batch_size, seed, device, **sampler_options)
     grid = []
     with progress_bar(total=num_images, unit="img", desc="generate", enabled=progress) as bar:

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "every token starts masked and is filled in num-iter MaskGIT steps, cosine "
                                      "schedule, Gumbel-noised confidence; UMD: DDIM over --steps steps with "
                                      "classifier-free guidance --cfg on class --class). A checkpoint's EMA weights "
-                                     "are used where it has them. Image i depends only on (--seed, i). "
+                                     "are used where it has them (--weights). Image i depends only on (--seed, i). "
                                      "Writes OUT/000000.png ... and OUT-grid.png (the first 64, beside the folder, so "
                                      "that OUT holds only samples for FID tools). Unset sampler options keep the "
                                      "sampler's defaults.")
@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=flag_type(int, min=1), default=16)
     _sampling_args(gen)
     gen.add_argument("--batch-size", type=flag_type(int, min=1), default=16)
+    gen.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                     help="auto: the checkpoint's EMA weights where it has them, else the trained ones; ema; raw: the "
+                          "trained weights (e.g. after a fine-tuning too short for its EMA) (default auto)")
 
     ed = sub.add_parser("edit", help="inpaint, outpaint or uncrop an image with a generative model (MAGE)",
                         description="Regenerate part of an image: its tokens start masked (one token beyond the "
@@ -274,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
     elif args.command == "generate":
         out = generate_images(args.ckpt, args.out, args.num_images, args.seed, args.batch_size, args.device,
-                              **sampler_options_from_args(args))
+                              weights=args.weights, **sampler_options_from_args(args))
         print(f"wrote {args.num_images} images to {out}")
     elif args.command == "edit":
         out = edit_image(args.kind, args.ckpt, args.image, args.out, box=args.box, mask=args.mask, pad=args.pad,

@@ -194,6 +194,13 @@ def test_generation_from_both_stages_and_its_errors(stages, tmp_path):
     written = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "g" / f"{i:06d}.png"))) for i in range(3)])
     assert (scored.permute(0, 2, 3, 1).numpy().astype(int) - written.numpy().astype(int)).__abs__().max() <= 1
     run_cli("generate", "--ckpt", root / "pre", "--out", tmp_path / "u", "--num-images", 2, "--steps", 3, check=True)
+    raw = run_cli("generate", "--ckpt", root / "ft", "--weights", "raw", "--out", tmp_path / "r", "--num-images", 3,
+                  "--steps", 4, "--cfg", "3", "--class", "all", check=True)
+    differ = [(tmp_path / "r" / f"{i:06d}.png").read_bytes() != (tmp_path / "g" / f"{i:06d}.png").read_bytes()
+              for i in range(3)]
+    assert any(differ), raw.stderr  # the trained weights, not the EMA
+    bad = run_cli("generate", "--ckpt", root / "pre", "--weights", "ema", "--out", tmp_path / "e", "--num-images", 1)
+    assert bad.returncode == 2 and "no EMA weights" in bad.stderr and "Traceback" not in bad.stderr
     for flags, words in ((["--class", "1"], "unconditional"), (["--cfg", "2"], "--cfg")):
         bad = run_cli("generate", "--ckpt", root / "pre", "--out", tmp_path / "bad", "--num-images", 1, "--steps", 2,
                       *flags)
