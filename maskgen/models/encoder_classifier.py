@@ -3,7 +3,8 @@ the pooling they were fine-tuned with, and the layer ids of layer-wise lr decay 
 
 A subclass has a config with `num_classes`, `drop_path` and `pool`, sets `embedding_prefixes` (parameter names at
 layer 0) and `block_prefix` (blocks.i -> layer i + 1; everything else is the top layer, depth + 1), calls
-`init_head(dim)`, and implements `depth` and `forward_features(images, pool)` (after `check_pool`).
+`init_head(dim)`, and implements `forward_features(images, pool)` (after `check_pool`); `image_size` and `depth`
+read its pre-trained `encoder` unless it overrides them.
 """
 from __future__ import annotations
 
@@ -29,8 +30,14 @@ class EncoderClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @property
+    def image_size(self) -> int:
+        """The side of the images it reads (default: that of its pre-trained `encoder`)."""
+        return self.encoder.config.image_size
+
+    @property
     def depth(self) -> int:
-        raise NotImplementedError
+        """Encoder blocks (default: those of its `encoder`)."""
+        return len(self.encoder.blocks)
 
     @property
     def default_pool(self) -> str:

@@ -44,14 +44,6 @@ class MAEClassifier(EncoderClassifier):
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if config.pool == "mean" else None
         self.init_head(dim)
 
-    @property
-    def image_size(self) -> int:
-        return self.encoder.config.image_size
-
-    @property
-    def depth(self) -> int:
-        return len(self.encoder.blocks)
-
     @classmethod
     def from_mae(cls, mae: MAE, num_classes: int, drop_path: float = 0.1, pool: str = "mean") -> "MAEClassifier":
         """A classifier whose encoder is `mae`'s (patch embedding, [CLS], position table, blocks, norm)."""

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..options import Options, option
 from ..registry import MODELS
 from .encoder_classifier import EncoderClassifier, linear_drop_path
-from .umd import NUM_CLS, UMD, UMDConfig
+from .umd import UMD, UMDConfig
 
 DECODER_PARTS = ("mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "final_modulation", "head")
 
@@ -48,14 +48,6 @@ class UMDClassifier(EncoderClassifier):
         linear_drop_path(self.encoder.blocks, config.drop_path)
         self.init_head(enc.embed_dim)
 
-    @property
-    def image_size(self) -> int:
-        return self.encoder.config.image_size
-
-    @property
-    def depth(self) -> int:
-        return len(self.encoder.blocks)
-
     @classmethod
     def from_umd(cls, umd: UMD, num_classes: int, drop_path: float = 0.1, pool: str = "cls") -> "UMDClassifier":
         """A classifier whose encoder (and time trunk) are `umd`'s."""
@@ -66,7 +58,4 @@ class UMDClassifier(EncoderClassifier):
 
     def forward_features(self, images: torch.Tensor, pool: str | None = None) -> torch.Tensor:
         """images [B, 3, S, S] in [0, 1] -> pooled features [B, D]; `pool` must be the fine-tuned one (None: it)."""
-        pool = self.check_pool(pool)
-        time = torch.zeros(len(images), dtype=torch.long, device=images.device)
-        latent, _, _ = self.encoder.forward_encoder(images * 2 - 1, self.encoder.condition(time))
-        return latent[:, :NUM_CLS].mean(1) if pool == "cls" else latent[:, NUM_CLS:].mean(1)
+        return self.encoder.forward_features(images, self.check_pool(pool))
