@@ -78,6 +78,9 @@ class TrainConfig(Options):
     precision: str = option("auto", "auto (bf16 where it is faster: CUDA with bf16, or a CPU with native bf16 "
                                     "matmuls; else fp32), fp32, bf16 autocast, or fp16 autocast + GradScaler "
                                     "(CUDA only)", choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = option(False, "torch.compile every transformer block (inductor) before training; a block that "
+                                  "fails to compile runs eagerly. Off by default: on 2-core Xeons it made the MAGE "
+                                  "step 4 % (fp32) and 42 % (bf16) slower than eager (BENCHMARKS.md, MAGE speed)")
     memory_format: str = option("contiguous", "layout of images and conv weights in training: contiguous (NCHW) or "
                                               "channels_last (NHWC). Which is faster depends on the CPU/GPU, the "
                                               "precision and the conv widths: time both with "

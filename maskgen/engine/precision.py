@@ -1,4 +1,4 @@
-"""Choosing the training precision: `train.precision=auto` picks bf16 autocast only where it is faster.
+"""Choosing the precision of training (`train.precision`) and of MaskGIT sampling (`precision`): `auto` picks bf16 autocast only where it is faster.
 
 On CPUs without native bf16 matmul units (e.g. AVX2-only x86), bf16 autocast is not 2x faster but about 10x
 slower (measured on such a CPU, one core: fp32 `F.linear` ~80-90 GFLOP/s, bf16 ~10; a MAGE training step 13x
@@ -33,9 +33,10 @@ def cpu_bf16_speedup() -> float:
     return _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
+def resolve_precision(requested: str, device: torch.device, what: str = "train.precision") -> str:
     """'auto' -> 'bf16' on CUDA with bf16 support or on a CPU where bf16 matmuls are faster, else 'fp32'.
-    Explicit values are kept (with a warning for bf16 on a CPU where it is slower)."""
+    Explicit values are kept (with a warning for bf16 on a CPU where it is slower); `what` names the option
+    in the log."""
     if device.type == "cuda":
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp32") if requested == "auto" else requested
     if requested not in ("auto", "bf16"):
@@ -43,11 +44,11 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     speedup = cpu_bf16_speedup()
     if requested == "auto":
         chosen = "bf16" if speedup > 1.2 else "fp32"
-        log.info("train.precision=auto: %s (bf16 matmul is %.2gx the speed of fp32 on this CPU)", chosen, speedup)
+        log.info("%s=auto: %s (bf16 matmul is %.2gx the speed of fp32 on this CPU)", what, chosen, speedup)
         return chosen
     if speedup < 1.0:
-        log.warning("train.precision=bf16 on a CPU where bf16 matmuls run at %.2gx the speed of fp32: expect a very "
-                    "slow run; use train.precision=auto or fp32", speedup)
+        log.warning("%s=bf16 on a CPU where bf16 matmuls run at %.2gx the speed of fp32: expect a very "
+                    "slow run; use %s=auto or fp32", what, speedup, what)
     return requested
 
 

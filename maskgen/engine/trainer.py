@@ -24,6 +24,7 @@ from .. import distributed as dist
 from ..config import Config, config_to_yaml
 from ..data.loader import ResumableLoader
 from ..errors import MaskgenError, RunError, UserError, is_disk_full, os_error_message
+from ..models.layers import compile_blocks
 from ..outputs import check_free_space, prepare_dir
 from ..progress import progress_bar
 from ..registry import METHODS
@@ -146,6 +147,9 @@ class Trainer:
         if self.main:
             check_free_space(self.ckpt_root, self._checkpoint_bytes(), "a checkpoint")
 
+        if tc.compile:
+            log.info("train.compile: compiling %d transformer blocks (the first steps take longer)",
+                     compile_blocks(self.method))
         self.ddp = self.method
         if self.world > 1:
             self.ddp = DistributedDataParallel(

@@ -85,21 +85,22 @@ def mage_loss(model: MAGE, tokens: torch.Tensor, masking: MAGEMasking, label_smo
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """MAGE's pre-training loss on tokens [B, L] / [B, h, w] (or images, tokenized) -> (loss, logs, pooled).
 
-    loss: label-smoothed cross-entropy of logits[:, 1:, :codebook_size] against the true tokens, averaged over
-    all masked tokens of the batch (dropped included). logs: `acc` (argmax accuracy on the masked tokens) and
-    `mask_ratio` (mean sampled ratio), detached 0-d tensors. pooled [B, D]: the mean of the normed encoder
-    outputs of the kept image tokens ([C0] excluded), which MAGE-C's contrastive head reads."""
+    loss: label-smoothed cross-entropy of the codebook logits against the true tokens, averaged over all masked
+    tokens of the batch (dropped included); the logits are computed at the masked positions only, and over the
+    K codebook rows only (the same numbers as slicing the full logits [:, 1:, :K], without the 2,025-way layer
+    at every position). logs: `acc` (argmax accuracy on the masked tokens) and `mask_ratio` (mean sampled
+    ratio), detached 0-d tensors. pooled [B, D]: the mean of the normed encoder outputs of the kept image
+    tokens ([C0] excluded), which MAGE-C's contrastive head reads."""
     tokens = model.as_tokens(tokens)
-    b = tokens.shape[0]
-    ratio, drop_mask, mask = masking.sample(b, generator, device=tokens.device)
+    ratio, drop_mask, mask = masking.sample(tokens.shape[0], generator, device=tokens.device)
     latent = model.forward_encoder(tokens, mask, drop_mask)
-    logits = model.forward_decoder(latent, mask, drop_mask)[:, 1:, : model.config.codebook_size].float()
-    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1),
-                                label_smoothing=label_smoothing, reduction="none").view(b, -1)
-    weight = mask.float()
-    loss = (per_token * weight).sum() / weight.sum().clamp_min(1.0)
+    features = model.decoder_features(latent, mask, drop_mask)[:, 1:][mask]   # [M, Ddec], M masked tokens
+    logits = model.codebook_logits(features).float()                          # [M, K]
+    target = tokens[mask]
+    count = max(target.numel(), 1)
+    loss = F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="sum") / count
     with torch.no_grad():
-        acc = ((logits.argmax(-1) == tokens).float() * weight).sum() / weight.sum().clamp_min(1.0)
+        acc = (logits.argmax(-1) == target).sum() / count
     return loss, {"acc": acc.detach(), "mask_ratio": ratio.float().mean()}, latent[:, 1:].mean(1)
 
 

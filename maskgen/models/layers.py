@@ -1,6 +1,7 @@
 """Shared transformer layers under every model (MAGE, MAE, MR-MAE, UMD), timm-style.
 
-Pre-LN block on `F.scaled_dot_product_attention`, optionally with stochastic depth and DiT's adaLN-Zero:
+Pre-LN block (attention through `attention`: SDPA or the plain product, whichever is faster for the case),
+optionally with stochastic depth and DiT's adaLN-Zero:
 
     x = x + drop_path(attn(norm1(x)))                                    # plain (cond_dim=None)
     x = x + drop_path(mlp(norm2(x)))
@@ -11,7 +12,10 @@ Parameter names equal the official MAGE/MAE state_dicts (`norm1`, `attn.qkv`, `a
 `mlp.fc1`, `mlp.fc2`), so official block tensors load with the identity key map. GELU is the exact (erf)
 form, LayerNorm eps is 1e-6, qkv carries a bias, and the attention scale is head_dim ** -0.5 (the SDPA
 default). The official code computes softmax(q k^T * scale) by hand in fp32; SDPA matches it in fp32 to
-~1e-7 (measured against the official code). Under autocast SDPA runs in the autocast dtype.
+~1e-7 (measured against the official code). Under autocast attention runs in the autocast dtype.
+
+Dropout (`dropout`, `Dropout`) draws its masks with `dropout_keep` on CPU, ~6x faster than `bernoulli_`, at a
+rate quantised to 1/65,536; the function is otherwise F.dropout's (issue 18; tests/test_mage_speed.py).
 """
 from __future__ import annotations
 
@@ -24,15 +28,73 @@ from timm.layers import DropPath
 from timm.layers import PatchEmbed as _TimmPatchEmbed
 from torch import nn
 
-__all__ = ["Attention", "Mlp", "DropPath", "Block", "modulate", "PatchEmbed", "sincos_pos_embed_2d",
+__all__ = ["dropout_keep", "dropout", "Dropout", "attention", "Attention", "compile_blocks", "Mlp", "DropPath", "Block", "modulate", "PatchEmbed", "sincos_pos_embed_2d",
            "learned_pos_embed", "init_vit_weights"]
+
+
+def dropout_keep(shape: tuple[int, ...], p: float, device) -> tuple[torch.Tensor, float]:
+    """An inverted-dropout draw: (keep bool [shape], True with probability 1 - p', scale 1 / (1 - p')).
+
+    Drawn as 16-bit uniform integers (four per int64 from one `torch.randint`), so the rate is quantised to
+    p' = round(65,536 p) / 65,536 (0.1 -> 0.100006) and the scale uses p' exactly, which keeps the expectation
+    exact. On a CPU this is ~6x faster than `torch.bernoulli_`, which drew the masks in 31 % of a MAGE step
+    (BENCHMARKS.md, "MAGE speed")."""
+    n = 1
+    for s in shape:
+        n *= s
+    drop = round(p * 65536)
+    words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    keep = words.view(torch.int16)[:n].view(shape) >= drop - 32768
+    return keep, 65536 / (65536 - drop)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout(x, p, training) with `dropout_keep`'s cheaper draw on CPU (CUDA's and inductor's kernels fuse the
+    draw, so they keep F.dropout). The scale is a Python float, applied in fp32 arithmetic for every dtype, as
+    F.dropout does (a bf16 multiplier tensor would round it)."""
+    if not training or p == 0.0:
+        return x
+    if x.is_cuda or torch.compiler.is_compiling() or round(p * 65536) in (0, 65536):
+        return F.dropout(x, p, True)  # CUDA's kernel and inductor's fuse the draw
+    keep, scale = dropout_keep(x.shape, p, x.device)
+    return torch.where(keep, x, 0.0).mul_(scale)   # `x * keep` would first copy keep to x's dtype
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through `dropout` (same parameters, state_dict and repr)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v with dropout on the weights; q, k, v [B, heads, N, head_dim] -> same.
+
+    The same function as `F.scaled_dot_product_attention(q, k, v, dropout_p)`, through the faster form for the
+    case (measured on a 2-core Xeon with AMX, BENCHMARKS.md "MAGE speed"): SDPA's fused kernels on CUDA and
+    whenever no gradient is needed (inference: the CPU flash kernel is up to 3x faster than the plain
+    product); in CPU training, SDPA's flash kernel for fp32 without dropout at N >= 192 tokens, else the plain
+    product: SDPA's CPU backward runs bf16 2-6x slower than the plain product, and with dropout SDPA falls back
+    to an unfused form with bernoulli_ masks that the plain product with `dropout_keep` beats."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    fused = q.is_cuda or not needs_grad and dropout_p == 0.0 or \
+        (q.dtype == torch.float32 and dropout_p == 0.0 and q.shape[-2] >= 192)
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    weights = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1)   # [B, heads, N, N]
+    if dropout_p == 0.0:
+        return weights @ v
+    if torch.compiler.is_compiling():
+        return F.dropout(weights, dropout_p, True) @ v
+    keep, scale = dropout_keep(weights.shape, dropout_p, weights.device)
+    return (torch.where(keep, weights, 0.0) @ v).mul_(scale)   # the 1/(1-p) on the N/head_dim times smaller product
 
 
 class Attention(nn.Module):
     """Multi-head self-attention. x [B, N, dim] -> [B, N, dim].
 
-    `attn_drop` is the dropout on the attention weights (passed to SDPA as dropout_p, in training only);
-    `proj_drop` is the dropout after the output projection."""
+    `attn_drop` is the dropout on the attention weights (in training only); `proj_drop` is the dropout after
+    the output projection."""
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -42,13 +104,13 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         # [B, N, 3, heads, head_dim] -> 3 x [B, heads, N, head_dim]; the official split order
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = attention(q, k, v, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 
@@ -60,7 +122,7 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
+        self.drop = Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -115,6 +177,19 @@ class Block(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa[:, None] * self.drop_path(self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         return x + gate_mlp[:, None] * self.drop_path(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+def compile_blocks(module: nn.Module) -> int:
+    """torch.compile every `Block` inside `module` in place (`nn.Module.compile`: parameters and state_dict keys
+    unchanged) -> the number of blocks. A block whose compilation fails at its first call falls back to eager
+    (dynamo's suppress_errors), so a machine without a working compiler still trains."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for blk in blocks:
+        blk.compile()
+    return len(blocks)
 
 
 class PatchEmbed(_TimmPatchEmbed):

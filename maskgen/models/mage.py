@@ -33,7 +33,7 @@ from ..options import Options, option
 from ..registry import MODELS
 from ..sampling.maskgit import token_region
 from .frozen_tokenizer import FrozenTokenizerMixin
-from .layers import Block, init_vit_weights
+from .layers import Block, Dropout, init_vit_weights
 
 
 # The official class-conditional vocabulary (MaskGIT's): codebook, 1000 legacy class rows, then [MASK].
@@ -110,7 +110,7 @@ class TokenEmbedding(nn.Module):
         self.word_embeddings = nn.Embedding(vocab_size, dim)
         self.position_embeddings = nn.Embedding(max_positions, dim)
         self.LayerNorm = nn.LayerNorm(dim, eps=1e-6)  # official name (from BERT/TensorFlow)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(ids) + self.position_embeddings.weight[: ids.shape[1]]
@@ -118,7 +118,8 @@ class TokenEmbedding(nn.Module):
 
 
 class MlmLayer(nn.Module):
-    """Output head: x [B, N, Ddec] -> logits [B, N, vocab] = LN_1e-5(gelu(fc(x))) @ word_embeddings^T + bias.
+    """Output head: x [..., Ddec] -> logits [..., rows] = LN_1e-5(gelu(fc(x))) @ word_embeddings[:rows]^T + bias[:rows]
+    (rows: every vocabulary row by default; the MAGE loss and sampler read only the codebook's first K).
 
     The word-embedding table is passed in detached (as officially): no gradient reaches it from the output
     side. `ln` keeps PyTorch's default eps 1e-5, unlike every other LayerNorm (1e-6), as in the official code."""
@@ -129,9 +130,9 @@ class MlmLayer(nn.Module):
         self.ln = nn.LayerNorm(embed_dim, eps=1e-5)
         self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
 
-    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         h = self.ln(F.gelu(self.fc(x)))
-        return h @ word_embeddings.t() + self.bias
+        return F.linear(h, word_embeddings[:rows], self.bias.view(-1)[:rows])
 
 
 @MODELS.register("mage", config=MAGEConfig)
@@ -271,13 +272,14 @@ class MAGE(FrozenTokenizerMixin, nn.Module):
             x = blk(x)
         return self.norm(x)
 
-    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor | None = None,
-                        drop_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """latent [B, 1+L-n_drop, D] (from forward_encoder with the same masks) -> logits [B, 1+L, vocab].
+    def decoder_features(self, latent: torch.Tensor, mask: torch.Tensor | None = None,
+                         drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """latent [B, 1+L-n_drop, D] (from forward_encoder with the same masks) -> decoder output [B, 1+L, Ddec],
+        the input of `mlm_layer`.
 
         Every position starts as the [C] feature (the decoder-embedded output 0), the kept outputs go back
         to their positions, then ALL masked positions (dropped or not) are overwritten with [C]; then
-        + decoder_pos_embed_learned, decoder blocks, decoder_norm, mlm_layer."""
+        + decoder_pos_embed_learned, decoder blocks, decoder_norm."""
         x = self.decoder_embed(latent)
         b, _, d = x.shape
         n = self.config.num_tokens + 1
@@ -293,8 +295,19 @@ class MAGE(FrozenTokenizerMixin, nn.Module):
         x = x + self.decoder_pos_embed_learned
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_norm(x)
-        return self.mlm_layer(x, self.token_emb.word_embeddings.weight.detach())
+        return self.decoder_norm(x)
+
+    def codebook_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Decoder output [..., Ddec] -> logits of the K image codes [..., K]: `mlm_layer` over the codebook rows
+        only (what the loss and the sampler read), equal to the full logits' [..., :K]."""
+        return self.mlm_layer(features, self.token_emb.word_embeddings.weight.detach(), self.config.codebook_size)
+
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor | None = None,
+                        drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """latent [B, 1+L-n_drop, D] -> logits [B, 1+L, vocab] over the whole vocabulary at every position
+        (`decoder_features`, then `mlm_layer`)."""
+        return self.mlm_layer(self.decoder_features(latent, mask, drop_mask),
+                              self.token_emb.word_embeddings.weight.detach())
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
                 drop_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,11 +317,15 @@ class MAGE(FrozenTokenizerMixin, nn.Module):
 
     def token_logits(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Generation step: tokens [B, L] (values at masked positions are ignored), mask [B, L] bool ->
-        codebook logits [B, L, codebook_size] (fp32), with nothing dropped."""
+        codebook logits [B, L, codebook_size] (fp32), with nothing dropped. Only the masked positions' logits
+        are computed (the sampler reads no other); the unmasked positions hold 0."""
         tokens = tokens.reshape(tokens.shape[0], -1)
         mask = mask.reshape(mask.shape[0], -1).bool()
         tokens = tokens.masked_fill(mask, 0)
-        return self(tokens, mask)[:, 1:, : self.config.codebook_size].float()
+        features = self.decoder_features(self.forward_encoder(tokens, mask), mask)[:, 1:]
+        out = features.new_zeros(*mask.shape, self.config.codebook_size, dtype=torch.float32)
+        out[mask] = self.codebook_logits(features[mask]).float()
+        return out
 
     # ---------------------------------------------------------------------------------- fine-tuning
     def as_classifier(self, num_classes: int, drop_path: float = 0.1, pool: str = "mean") -> nn.Module:
