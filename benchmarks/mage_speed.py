@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -44,8 +45,8 @@ from mage_throughput import count_flops, matmul_peak  # noqa: E402
 from maskgen.api import build_config  # noqa: E402
 from maskgen.config import OptimConfig  # noqa: E402
 from maskgen.engine.optim import build_optimizer, param_groups  # noqa: E402
-from maskgen.engine.precision import autocast as autocast_for  # noqa: E402
-from maskgen.engine.precision import resolve_precision  # noqa: E402
+from maskgen.precision import autocast as autocast_for  # noqa: E402
+from maskgen.precision import resolve_precision  # noqa: E402
 from maskgen.methods.mage import MAGEMasking, MAGEObjective, mage_loss  # noqa: E402
 from maskgen.models.mage import MAGE, MAGEConfig  # noqa: E402
 from maskgen.sampling.maskgit import MaskGITScheduler  # noqa: E402
@@ -296,7 +297,6 @@ def main(argv=None) -> None:
     _print_table("scaling (new implementation)", result["scaling"])
     for key, prof in result["profiles"].items():
         _print_table(f"profile: {key}", prof)
-    import json
     data = json.loads(out.read_text())
     data.update({k: v for k, v in result.items() if k != "rows"})
     out.write_text(json.dumps(data, indent=2) + "\n")

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_out_argument, report, timeit  # noqa: E402
 
 from maskgen.api import build_config  # noqa: E402
-from maskgen.engine.precision import autocast as autocast_for  # noqa: E402
+from maskgen.precision import autocast as autocast_for  # noqa: E402
 from maskgen.methods.mae import masked_mse  # noqa: E402
 from maskgen.methods.mage import MAGEMasking, MAGEObjective, mage_loss  # noqa: E402
 from maskgen.models.mae import MAE  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 
 from common import add_out_argument, report, timeit
 from maskgen.api import build_config
-from maskgen.engine.precision import autocast, cpu_bf16_speedup
+from maskgen.precision import autocast, cpu_bf16_speedup
 from maskgen.models.vqgan import VQGAN, VQGANConfig
 
 

@@ -16,7 +16,7 @@ import torch
 
 from common import add_out_argument, report, timeit
 from maskgen.api import build_config
-from maskgen.engine.precision import autocast
+from maskgen.precision import autocast
 from maskgen.registry import METHODS
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_out_argument, report, timeit  # noqa: E402
 
 from maskgen.api import build_config  # noqa: E402
-from maskgen.engine.precision import autocast as autocast_for  # noqa: E402
+from maskgen.precision import autocast as autocast_for  # noqa: E402
 from maskgen.methods.umd import umd_loss  # noqa: E402
 from maskgen.models.umd import UMD  # noqa: E402
 from maskgen.sampling import DDIMScheduler  # noqa: E402

@@ -35,7 +35,7 @@ from .ema import EMA
 from .logger import RunLogger, setup_logging
 from .method import HookContext
 from .optim import build_optimizer, effective_lr, lr_at, set_lr
-from .precision import autocast, resolve_precision
+from ..precision import autocast, resolve_precision
 from .run_lock import RunDirLock
 
 log = logging.getLogger("maskgen")

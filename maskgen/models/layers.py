@@ -28,8 +28,8 @@ from timm.layers import DropPath
 from timm.layers import PatchEmbed as _TimmPatchEmbed
 from torch import nn
 
-__all__ = ["dropout_keep", "dropout", "Dropout", "attention", "Attention", "compile_blocks", "Mlp", "DropPath", "Block", "modulate", "PatchEmbed", "sincos_pos_embed_2d",
-           "learned_pos_embed", "init_vit_weights"]
+__all__ = ["dropout_keep", "dropout", "Dropout", "attention", "Attention", "Mlp", "DropPath", "Block", "compile_blocks",
+           "modulate", "PatchEmbed", "sincos_pos_embed_2d", "learned_pos_embed", "init_vit_weights"]
 
 
 def dropout_keep(shape: tuple[int, ...], p: float, device) -> tuple[torch.Tensor, float]:
@@ -49,13 +49,13 @@ def dropout_keep(shape: tuple[int, ...], p: float, device) -> tuple[torch.Tensor
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout(x, p, training) with `dropout_keep`'s cheaper draw on CPU (CUDA's and inductor's kernels fuse the
-    draw, so they keep F.dropout). The scale is a Python float, applied in fp32 arithmetic for every dtype, as
+    """F.dropout(x, p, training) with `dropout_keep`'s cheaper draw on CPU (other devices and inductor fuse the
+    draw into their kernels, so they keep F.dropout). The scale is a Python float, applied in fp32 arithmetic for every dtype, as
     F.dropout does (a bf16 multiplier tensor would round it)."""
     if not training or p == 0.0:
         return x
-    if x.is_cuda or torch.compiler.is_compiling() or round(p * 65536) in (0, 65536):
-        return F.dropout(x, p, True)  # CUDA's kernel and inductor's fuse the draw
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or round(p * 65536) in (0, 65536):
+        return F.dropout(x, p, True)
     keep, scale = dropout_keep(x.shape, p, x.device)
     return torch.where(keep, x, 0.0).mul_(scale)   # `x * keep` would first copy keep to x's dtype
 
@@ -71,13 +71,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     """softmax(q k^T / sqrt(head_dim)) v with dropout on the weights; q, k, v [B, heads, N, head_dim] -> same.
 
     The same function as `F.scaled_dot_product_attention(q, k, v, dropout_p)`, through the faster form for the
-    case (measured on a 2-core Xeon with AMX, BENCHMARKS.md "MAGE speed"): SDPA's fused kernels on CUDA and
+    case (measured on a 2-core Xeon with AMX, BENCHMARKS.md "MAGE speed"): SDPA's fused kernels on GPUs and
     whenever no gradient is needed (inference: the CPU flash kernel is up to 3x faster than the plain
     product); in CPU training, SDPA's flash kernel for fp32 without dropout at N >= 192 tokens, else the plain
     product: SDPA's CPU backward runs bf16 2-6x slower than the plain product, and with dropout SDPA falls back
     to an unfused form with bernoulli_ masks that the plain product with `dropout_keep` beats."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    fused = q.is_cuda or not needs_grad and dropout_p == 0.0 or \
+    fused = q.device.type != "cpu" or (not needs_grad and dropout_p == 0.0) or \
         (q.dtype == torch.float32 and dropout_p == 0.0 and q.shape[-2] >= 192)
     if fused:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..engine.precision import autocast, resolve_precision
+from ..precision import autocast, resolve_precision
 from ..options import Options, option
 from ..registry import SAMPLERS
 from .base import Generators, Sampler, random_rows
@@ -75,6 +75,8 @@ def categorical(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     are never drawn."""
     cdf = probs.float().cumsum(-1)                                                     # [B, L, K]
     u = random_rows(torch.rand, probs.shape[:2], generator, probs.device)              # [B, L]
+    # u < 1 gives u x total < total in round-to-nearest, so the first cumulative value above it belongs to an id
+    # of probability > 0; the clamp only guards against NaN rows
     ids = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None], right=True).squeeze(-1)
     return ids.clamp_max(probs.shape[-1] - 1)
 

@@ -3,7 +3,7 @@ import logging
 
 import torch
 
-from maskgen.engine import precision
+from maskgen import precision
 
 
 def test_auto_follows_the_measured_speedup(monkeypatch, caplog):
