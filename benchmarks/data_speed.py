@@ -7,7 +7,8 @@ Rows:
   flip) at its batch size, with 0 and 2 workers: what a run without a token cache reads per second.
 - cache-tokens: `write_token_cache` (what `maskgen cache-tokens` runs: decode, the centre view + V-1 crops, their
   flips, the tokenizer's encode) with a `tokenizer-cifar10` model of random weights (speed does not depend on the
-  weights) for each --views, in images of the source per second (2V encodes each).
+  weights) for each --views, in images of the source per second (2V encodes each), with the tokenizer in NCHW
+  and in channels_last (`cache-tokens --memory-format`).
 - loader, token cache: `ResumableLoader` over `CachedTokens` of that cache: what a run with a token cache reads.
 Compare with the training step's img/s in `mage_speed.py` (BENCHMARKS.md, "MAGE speed").
 """
@@ -69,11 +70,13 @@ def main(argv=None) -> None:
     subset = _Subset(source, args.cache_images)
     with tempfile.TemporaryDirectory() as tmp:
         for views in args.views:
-            out = Path(tmp) / f"cache{views}.safetensors"
-            t0 = time.perf_counter()
-            write_token_cache(tokenizer, subset, out, views, cfg.data.image_size, progress=False)
-            add("cache-tokens (fp32 encode)", f"{views} views + flips, {args.cache_images} images",
-                args.cache_images / (time.perf_counter() - t0))
+            for layout in ("contiguous", "channels_last"):
+                out = Path(tmp) / f"cache{views}.safetensors"
+                t0 = time.perf_counter()
+                write_token_cache(tokenizer, subset, out, views, cfg.data.image_size, progress=False,
+                                  memory_format=layout)
+                add(f"cache-tokens (fp32 encode, {layout})", f"{views} views + flips, {args.cache_images} images",
+                    args.cache_images / (time.perf_counter() - t0))
         cached = CachedTokens(TokenCache(out), 0)
         n = min(args.images, args.cache_images)
         add("loader, token cache", f"batch {batch}, 0 workers, {n} images",

@@ -68,6 +68,15 @@ def test_stored_tokens_are_the_encoded_views(tok_dir, images, cache_path):
             assert not torch.equal(got, got_flip)
 
 
+def test_channels_last_encoding_gives_the_same_cache(tok_dir, images, cache_path, tmp_path):
+    nhwc = cache_tokens(tok_dir, str(images), tmp_path / "nhwc.st", image_size=SIZE, views=VIEWS, batch_size=16,
+                        progress=False, memory_format="channels_last")
+    assert torch.equal(load_file(nhwc)["tokens"], load_file(cache_path)["tokens"])
+    with pytest.raises(UserError, match="memory_format"):
+        cache_tokens(tok_dir, str(images), tmp_path / "bad.st", image_size=SIZE, views=VIEWS, progress=False,
+                     memory_format="nhwc")
+
+
 def test_reproducible_and_random_views_differ(tok_dir, images, cache_path, tmp_path):
     tok, src = from_pretrained(tok_dir), open_source(str(images))
     # same seed (and another batch size): the same tensors and metadata (safetensors orders metadata keys at random)
