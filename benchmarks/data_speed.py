@@ -53,6 +53,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = build_config("mage", "mage-cifar10-cpu", [f"data.path={args.data}"])
     batch = cfg.train.batch_size
+    if min(args.images, args.cache_images) < batch:
+        ap.error(f"--images and --cache-images must be at least the preset's batch size ({batch})")
     source = open_source(cfg.data.path, "train")
     images = AugmentedImages(source, build_transform(cfg.data), 0)
     rows = []
