@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--device", default="cpu", help="cpu or cuda")
     ct.add_argument("--memory-format", choices=("contiguous", "channels_last"), default="contiguous",
                     help="layout of the tokenizer's convolutions: channels_last gives the same codes, a cache "
-                         "1.2x faster on a Xeon with AMX (fp32; BENCHMARKS.md); elsewhere time both "
+                         "1.04-1.5x faster on a Xeon with AMX (fp32; BENCHMARKS.md); elsewhere time both "
                          "(default contiguous)")
 
     cf = sub.add_parser("cache-teacher", help="pre-compute a frozen teacher's features of K views of a dataset "

@@ -141,8 +141,8 @@ def write_token_cache(tokenizer: nn.Module, source, out: str | os.PathLike, view
     """Encode `views` views (+ their flips) of every readable image of `source` and write the cache to `out`
     atomically. `batch_size` counts tokenizer inputs (views), not images. Unreadable images are skipped with a
     warning and counted in the metadata. `memory_format="channels_last"` encodes in NHWC (the tokenizer module is
-    converted in place): the same codes; on a Xeon with AMX in fp32 the encode is 1.4x and a cache build 1.2x
-    faster (BENCHMARKS.md, "MAGE speed"); other CPUs unmeasured. Returns `out`."""
+    converted in place): the same codes; on a Xeon with AMX in fp32 the encode is 1.4x and a cache build
+    1.04-1.5x faster (BENCHMARKS.md, "MAGE speed"); other CPUs unmeasured. Returns `out`."""
     _validate(tokenizer, views, image_size, crop_scale, interpolation, batch_size)
     if memory_format not in ("contiguous", "channels_last"):
         raise UserError(f"memory_format must be 'contiguous' or 'channels_last', got {memory_format!r}")
