@@ -81,6 +81,17 @@ def test_sampler_gives_the_reference_tokens_wherever_the_draws_agree():
     assert torch.equal(a, b)
 
 
+def test_maskgit_precision_option_runs_the_model_in_bf16():
+    m = _model("compact").eval()
+    seen = []
+    m.mlm_layer.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    out = MaskGITScheduler(num_iter=3, precision="bf16").generate(m, 2, torch.Generator().manual_seed(0))
+    assert set(seen) == {torch.bfloat16} and out.shape == (2, 8, 8)
+    seen.clear()
+    MaskGITScheduler(num_iter=3).generate(m, 2, torch.Generator().manual_seed(0))
+    assert set(seen) == {torch.float32}  # fp32 by default
+
+
 def test_dropout_keep_rate_scale_and_expectation():
     torch.manual_seed(0)
     keep, scale = dropout_keep((1000, 1000), 0.1, "cpu")

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError, UserError
-from ..options import Options, flag_type, parse_value
+from ..options import Options, flag_type, option, parse_value
 from ..registry import SAMPLERS
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -157,6 +157,14 @@ def samples_to_images(model, samples: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- command line
+def precision_option():
+    """The `precision` option every sampler has (one flag, `--precision`): the arithmetic of its model calls."""
+    return option("fp32", "arithmetic of the model calls: fp32, bf16 autocast, or auto (bf16 where its matmuls are "
+                          "faster: CUDA with bf16, a CPU with native bf16; 2-3x faster generation on a Xeon with AMX, "
+                          "BENCHMARKS.md). fp32 by default, so that a seed gives the same images on every machine",
+                  choices=("auto", "fp32", "bf16"))
+
+
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per option of every registered sampler (`num_iter` -> `--num-iter`, or the option's own `flag`), in
     one argument group per sampler, typed by the field, default None (unset: the sampler's own default). A flag the

@@ -29,8 +29,9 @@ import torch
 from ..diffusion_schedule import DiffusionSchedule, network_time
 from ..errors import UserError
 from ..options import Options, option
+from ..precision import autocast, resolve_precision
 from ..registry import SAMPLERS
-from .base import Generators, Sampler, random_rows
+from .base import Generators, Sampler, precision_option, random_rows
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DDIMOptions(Options):
                                            "'all' for a class-conditional model", flag="--class")
     pred: str = option("eps", "the head that drives sampling: eps (reference) or x0 (the x0 head, turned into ε)",
                        choices=("eps", "x0"))
+    precision: str = precision_option()
 
 
 @dataclass
@@ -157,6 +159,9 @@ class DDIMScheduler(Sampler):
         labels = labels.to(device) if labels is not None else None
         scale = self.guidance(model)
         x = random_rows(torch.randn, (num_images, *model.sample_shape), generator, device)
+        precision = resolve_precision(self.options.precision, device, "precision")
         for t in self.timesteps:
-            x = self.step(self.model_output(model, x, t, labels, scale).float(), t, x, generator).prev_sample
+            with autocast(precision, device):
+                out = self.model_output(model, x, t, labels, scale)
+            x = self.step(out.float(), t, x, generator).prev_sample
         return x

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..precision import autocast, resolve_precision
 from ..options import Options, option
 from ..registry import SAMPLERS
-from .base import Generators, Sampler, random_rows
+from .base import Generators, Sampler, precision_option, random_rows
 
 UNKNOWN = -1  # canvas value of a token to generate
 
@@ -52,10 +52,7 @@ class MaskGITOptions(Options):
     choice_temperature: float = option(4.5, "Gumbel noise scale on the confidence, annealed to 0 (official: 4.5; "
                                             "README FID: 6.0)", min=0.0)
     temperature: float = option(1.0, "sampling temperature of the tokens (0: argmax)", min=0.0)
-    precision: str = option("fp32", "arithmetic of the model calls: fp32, bf16 autocast, or auto (bf16 where its "
-                                    "matmuls are faster: CUDA with bf16, a CPU with native bf16; 2-3x faster "
-                                    "generation on a Xeon with AMX, BENCHMARKS.md). fp32 by default, so that a "
-                                    "seed gives the same images on every machine", choices=("auto", "fp32", "bf16"))
+    precision: str = precision_option()
 
 
 @dataclass

@@ -128,6 +128,19 @@ def test_generate_is_per_image_deterministic_and_class_balanced():
     assert DDIMScheduler(steps=5, class_label="1,2").labels(m, 3, start=1).tolist() == [2, 1, 2]
 
 
+def test_bf16_sampling_runs_the_model_in_bf16_and_stays_near_fp32():
+    m = tiny_umd(num_classes=3)
+    seen = []
+    m.register_forward_hook(lambda mod, args, out: seen.append(out[0].dtype))
+    gens = lambda: [torch.Generator().manual_seed(7 + i) for i in range(2)]  # noqa: E731
+    fp32 = DDIMScheduler(steps=4, eta=0.0).generate(m, 2, generator=gens())
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    bf16 = DDIMScheduler(steps=4, eta=0.0, precision="bf16").generate(m, 2, generator=gens())
+    assert set(seen) == {torch.bfloat16} and bf16.dtype == torch.float32
+    assert (bf16 - fp32).abs().mean() < 0.05 and not torch.equal(bf16, fp32)  # a few clipped pixels may flip
+
+
 def test_class_and_guidance_options_are_checked_against_the_model():
     uncond, cond = tiny_umd(), tiny_umd(num_classes=3)
     with pytest.raises(UserError, match="unconditional"):
