@@ -48,18 +48,26 @@ def timeit(fn, min_time: float = 3.0, warmup: int = 2, min_calls: int = 3) -> fl
     return times[len(times) // 2]
 
 
-def report(out: str | os.PathLike, rows: list[dict], command: str) -> None:
-    """Print rows as a table and write them with the machine and command to the JSON file `out`."""
+def print_table(rows: list[dict], title: str = "") -> None:
+    """Print rows (dicts with the same keys) as a text table, under `title` if given."""
+    if title:
+        print(f"\n{title}")
     cols = list(rows[0])
     widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
     print("-|-".join("-" * w for w in widths))
     for r in rows:
         print(" | ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
+
+
+def report(out: str | os.PathLike, rows: list[dict], command: str, extra: dict | None = None) -> None:
+    """Print rows as a table and write them with the machine, the command and `extra` (more JSON fields) to the
+    JSON file `out`."""
+    print_table(rows)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                               "rows": rows}, indent=2) + "\n")
+                               "rows": rows, **(extra or {})}, indent=2) + "\n")
     print(f"\nmachine: {machine()}\nwrote {out}")
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, report  # noqa: E402
+from common import print_table, report, timeit  # noqa: E402
 from mage_reference import ReferenceMaskGIT, ReferenceSampling, reference_loss  # noqa: E402
 from mage_throughput import count_flops, matmul_peak  # noqa: E402
 
@@ -239,22 +238,12 @@ def run(args) -> dict:
             cfg = issue_config(grid)
             _, new, _, new32 = make_train_steps(cfg, batch, p, device)
             f = count_flops(new32)
-            new()
-            sec = statistics.median(_timed(new, 3))
+            sec = timeit(new, 0.0, warmup=1, min_calls=3)
             scaling.append({"tokens": cfg.num_tokens, "batch": batch, "precision": p, "ms/step": 1e3 * sec,
                             "img/s": batch / sec, "ms/img": 1e3 * sec / batch, "GFLOP/step": f / 1e9,
                             f"MFU % (of {p} peak)": 100 * f / sec / 1e9 / peak[p]})
             print(scaling[-1], file=sys.stderr, flush=True)
     return {"rows": rows, "peak GFLOP/s": peak, "scaling": scaling, "profiles": profiles}
-
-
-def _timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def parse_args(argv=None):
@@ -274,33 +263,17 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def _print_table(title: str, rows: list[dict]) -> None:
-    if not rows:
-        return
-    print(f"\n{title}")
-    cols = list(rows[0])
-    fmt = [[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(f[i]) for f in fmt)) for i, c in enumerate(cols)]
-    print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("-|-".join("-" * w for w in widths))
-    for f in fmt:
-        print(" | ".join(v.ljust(w) for v, w in zip(f, widths)))
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     result = run(args)
     command = "python benchmarks/mage_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = args.out / "mage_speed.json"
-    report(out, result["rows"], command)
+    report(out, result["rows"], command, extra={k: v for k, v in result.items() if k != "rows"})
     print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak GFLOP/s"].items()))
-    _print_table("scaling (new implementation)", result["scaling"])
+    if result["scaling"]:
+        print_table(result["scaling"], "scaling (new implementation)")
     for key, prof in result["profiles"].items():
-        _print_table(f"profile: {key}", prof)
-    data = json.loads(out.read_text())
-    data.update({k: v for k, v in result.items() if k != "rows"})
-    out.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"machine: {machine()}")
+        print_table(prof, f"profile: {key}")
 
 
 if __name__ == "__main__":

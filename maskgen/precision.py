@@ -1,4 +1,5 @@
-"""Choosing the precision of training (`train.precision`) and of MaskGIT sampling (`precision`): `auto` picks bf16 autocast only where it is faster.
+"""Choosing the precision of training (`train.precision`) and of sampling (the samplers' `precision`): `auto`
+picks bf16 autocast only where it is faster.
 
 On CPUs without native bf16 matmul units (e.g. AVX2-only x86), bf16 autocast is not 2x faster but about 10x
 slower (measured on such a CPU, one core: fp32 `F.linear` ~80-90 GFLOP/s, bf16 ~10; a MAGE training step 13x

@@ -26,6 +26,7 @@ from ..data.loader import ResumableLoader
 from ..errors import MaskgenError, RunError, UserError, is_disk_full, os_error_message
 from ..models.layers import compile_blocks
 from ..outputs import check_free_space, prepare_dir
+from ..precision import autocast, resolve_precision
 from ..progress import progress_bar
 from ..registry import METHODS
 from ..seeding import mix_seed
@@ -35,7 +36,6 @@ from .ema import EMA
 from .logger import RunLogger, setup_logging
 from .method import HookContext
 from .optim import build_optimizer, effective_lr, lr_at, set_lr
-from ..precision import autocast, resolve_precision
 from .run_lock import RunDirLock
 
 log = logging.getLogger("maskgen")

@@ -19,6 +19,7 @@ rate quantised to 1/65,536; the function is otherwise F.dropout's (issue 18; tes
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
@@ -39,22 +40,27 @@ def dropout_keep(shape: tuple[int, ...], p: float, device) -> tuple[torch.Tensor
     p' = round(65,536 p) / 65,536 (0.1 -> 0.100006) and the scale uses p' exactly, which keeps the expectation
     exact. On a CPU this is ~6x faster than `torch.bernoulli_`, which drew the masks in 31 % of a MAGE step
     (BENCHMARKS.md, "MAGE speed")."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     drop = round(p * 65536)
     words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     keep = words.view(torch.int16)[:n].view(shape) >= drop - 32768
     return keep, 65536 / (65536 - drop)
 
 
+def _cheap_draw(x: torch.Tensor, p: float) -> bool:
+    """Whether dropout of x at rate p draws with `dropout_keep`: on CPU, outside compiled code (other devices and
+    inductor fuse the draw into their kernels, so they keep F.dropout), at a rate that quantises to neither 0
+    nor 1."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and 0 < round(p * 65536) < 65536
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout(x, p, training) with `dropout_keep`'s cheaper draw on CPU (other devices and inductor fuse the
-    draw into their kernels, so they keep F.dropout). The scale is a Python float, applied in fp32 arithmetic for every dtype, as
-    F.dropout does (a bf16 multiplier tensor would round it)."""
+    """F.dropout(x, p, training) with `dropout_keep`'s cheaper draw where `_cheap_draw` allows it. The scale is a
+    Python float, applied in fp32 arithmetic for every dtype, as F.dropout does (a bf16 multiplier tensor would
+    round it)."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or round(p * 65536) in (0, 65536):
+    if not _cheap_draw(x, p):
         return F.dropout(x, p, True)
     keep, scale = dropout_keep(x.shape, p, x.device)
     return torch.where(keep, x, 0.0).mul_(scale)   # `x * keep` would first copy keep to x's dtype
@@ -84,7 +90,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     weights = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1)   # [B, heads, N, N]
     if dropout_p == 0.0:
         return weights @ v
-    if torch.compiler.is_compiling():
+    if not _cheap_draw(weights, dropout_p):
         return F.dropout(weights, dropout_p, True) @ v
     keep, scale = dropout_keep(weights.shape, dropout_p, weights.device)
     return (torch.where(keep, weights, 0.0) @ v).mul_(scale)   # the 1/(1-p) on the N/head_dim times smaller product

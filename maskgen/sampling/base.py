@@ -160,7 +160,7 @@ def samples_to_images(model, samples: torch.Tensor) -> torch.Tensor:
 def precision_option():
     """The `precision` option every sampler has (one flag, `--precision`): the arithmetic of its model calls."""
     return option("fp32", "arithmetic of the model calls: fp32, bf16 autocast, or auto (bf16 where its matmuls are "
-                          "faster: CUDA with bf16, a CPU with native bf16; 2-3x faster generation on a Xeon with AMX, "
+                          "faster: CUDA with bf16, a CPU with native bf16; 1.7-3x faster generation on a Xeon with AMX, "
                           "BENCHMARKS.md). fp32 by default, so that a seed gives the same images on every machine",
                   choices=("auto", "fp32", "bf16"))
 

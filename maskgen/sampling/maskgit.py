@@ -36,8 +36,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..precision import autocast, resolve_precision
 from ..options import Options, option
+from ..precision import autocast, resolve_precision
 from ..registry import SAMPLERS
 from .base import Generators, Sampler, precision_option, random_rows
 
