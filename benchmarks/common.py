@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from maskgen.machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"  # what BENCHMARKS.md cites: written only when --out names it
 
@@ -20,16 +21,7 @@ def add_out_argument(ap, name: str) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only, {os.cpu_count()} cores"
-    return f"{cpu}; {dev}; torch {torch.__version__}; {torch.get_num_threads()} threads"
+    return describe()
 
 
 def timeit(fn, min_time: float = 3.0, warmup: int = 2, min_calls: int = 3) -> float:

@@ -1,5 +1,5 @@
 """maskgen: masked generative encoders for representation learning and image generation (MAGE and MAGE-C, MAE and
-MR-MAE today; UMD is planned). Every CLI command is a function here; `from_pretrained(DIR)` returns a saved
+MR-MAE, UMD). Every CLI command is a function here; `from_pretrained(DIR)` returns a saved
 model.
 
 Attributes are loaded on first use, so that `import maskgen.models` (or any lower layer) does not import the
@@ -17,7 +17,7 @@ _EXPORTS = {"from_pretrained": "maskgen.models", "save_pretrained": "maskgen.mod
                                                 "reconstruct_image", "extract_features", "compute_features",
                                                 "train_linear_probe", "knn_classify", "fewshot_eval",
                                                 "evaluate_fid")},
-            "run_demo": "maskgen.demo"}
+            "run_demo": "maskgen.demo", "run_bench": "maskgen.bench"}
 __all__ = [*_EXPORTS, "__version__"]
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from . import api
 from .data.sources import mnist5k
@@ -28,6 +28,7 @@ from .eval.linear_probe import train_linear_probe
 from .generation import edit_image, generate_images, grid_path
 from .models import from_pretrained
 from .models.mage import MAGE
+from .plots import line_charts
 
 log = logging.getLogger("maskgen")
 
@@ -138,30 +139,9 @@ def _series(metrics: Path) -> list[tuple[int, float]]:
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], out: Path, width: int = 420, height: int = 260) -> Path:
-    """One line chart per named series of (step, value), side by side, drawn with PIL into a PNG."""
-    pad_l, pad_r, pad_t, pad_b = 48, 12, 24, 28
-    image = Image.new("RGB", (width * len(curves), height), "white")
-    draw = ImageDraw.Draw(image)
-    for k, (name, points) in enumerate(curves.items()):
-        x0, y0, x1, y1 = k * width + pad_l, pad_t, (k + 1) * width - pad_r, height - pad_b
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-        draw.text((x0, 6), f"{name} training loss", fill="black")
-        if not points:
-            continue
-        steps, values = zip(*points)
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1.0
-        to_xy = [(x0 + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (x1 - x0),
-                  y1 - (v - lo) / (hi - lo) * (y1 - y0)) for s, v in points]
-        draw.line(to_xy, fill=(31, 119, 180), width=2) if len(to_xy) > 1 else draw.ellipse(
-            [to_xy[0][0] - 3, to_xy[0][1] - 3, to_xy[0][0] + 3, to_xy[0][1] + 3], fill=(31, 119, 180))
-        for v, y in ((hi, y0), (lo, y1)):
-            draw.text((k * width + 2, y - 6), f"{v:.3g}", fill="black")
-        draw.text((x0, y1 + 6), f"step {steps[0]}", fill="black")
-        draw.text((x1 - 60, y1 + 6), f"step {steps[-1]}", fill="black")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    return out
+    """One training-loss chart per named series of (step, loss), side by side, into a PNG."""
+    return line_charts({f"{name} training loss": {name: points} for name, points in curves.items()}, out, "step",
+                       width, height)
 
 
 def _write_report(run: Path, probe: dict, seconds: dict, curves: dict, max_steps: int) -> Path:

@@ -14,6 +14,8 @@ import sys
 from .. import api
 from ..data.teacher_cache import cache_teacher
 from ..data.token_cache import cache_tokens
+from ..bench import publish, run_bench
+from ..bench.plan import METHODS as BENCH_METHODS, parse_methods
 from ..demo import run_demo
 from ..distributed import check_device
 from ..errors import MaskgenError, disk_full_message, is_disk_full, os_error_message
@@ -232,6 +234,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
+    bn = sub.add_parser("bench", help="train and evaluate every method at equal budget on a dataset (CIFAR-10)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Train MAGE, MAGE-C, MAE, MR-MAE and UMD on CIFAR-10 (JPEG) through their "
+                                    "*-cifar10-cpu presets, at the same encoder size (6 x 192) and the same number of "
+                                    "images seen, then evaluate each by kNN, linear probe and 1/5/10-shot on the test "
+                                    "split, FD-lite0 of samples for the generative ones, beside raw pixels, the "
+                                    "tokenizer's latent (and its reconstructions' FD-lite0, MAGE's floor) and each "
+                                    "architecture untrained. Writes OUT/results/NAME.json (one per method and "
+                                    "baseline), OUT/bench.md and OUT/plots/*.png. Resumable: run the same command "
+                                    "again after an interruption; finished parts are not redone.",
+                        epilog="examples:\n"
+                               "  maskgen bench cifar10 --quick --out runs/bench-quick      # tiny models, minutes\n"
+                               "  maskgen bench cifar10 --budget-hours 1                    # ~1 h of training per method\n"
+                               "  maskgen bench cifar10 --methods mage,mae --images 400000\n"
+                               "  maskgen bench cifar10 --out runs/bench-cifar10 --publish BENCHMARKS.md")
+    bn.add_argument("dataset", choices=("cifar10",), help="the benchmark's dataset")
+    bn.add_argument("--methods", default=",".join(BENCH_METHODS), type=_bench_methods,
+                    help=f"comma-separated, from {','.join(BENCH_METHODS)} (default: all)")
+    bn.add_argument("--budget-hours", type=flag_type(float, gt=0.0), default=1.0,
+                    help="training time of the slowest method on this machine: images seen per method = budget x "
+                         "its measured speed (default 1.0)")
+    bn.add_argument("--images", type=flag_type(int, min=1),
+                    help="images seen per method, instead of deriving them from --budget-hours")
+    bn.add_argument("--quick", action="store_true",
+                    help="tiny presets, a few hundred images and a small evaluation: minutes (what the tests run)")
+    bn.add_argument("--out", default="runs/bench-cifar10", help="output folder (default runs/bench-cifar10)")
+    bn.add_argument("--publish", metavar="MARKDOWN",
+                    help="then copy the JSON files and plots to benchmarks/results/bench_cifar10/ beside MARKDOWN and "
+                         "replace its rendered block (between the 'bench cifar10' markers) with the table")
+    bn.add_argument("--device", default="cpu", help="cpu or cuda")
+
     dm = sub.add_parser("demo", help="end-to-end demo: tokenizer + MAGE on the embedded MNIST digits (~8 min on 2 CPU cores)",
                         description="Train a small VQGAN tokenizer and a small MAGE from scratch on the embedded "
                                     "MNIST digits (mnist5k), then generate digits, inpaint test digits, run a "
@@ -245,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--num-images", type=flag_type(int, min=1), default=64, help="digits to generate (default 64)")
     dm.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
+
+
+def _bench_methods(text: str) -> list[str]:
+    try:
+        return parse_methods(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -303,6 +343,11 @@ def run(args: argparse.Namespace) -> int:
         run_demo(args.run_dir, args.max_steps, args.num_images, args.device)
     elif args.command == "eval":
         return run_eval(args)
+    elif args.command == "bench":
+        out = run_bench(args.out, args.methods, args.budget_hours, args.quick, args.images, args.device)
+        print(f"wrote {out}")
+        if args.publish:
+            print(f"updated {publish(args.out, args.publish)}")
     return 0
 
 

@@ -236,7 +236,10 @@ class Trainer:
             if old != self.config_yaml:
                 changes = [l for l in difflib.unified_diff(old.splitlines(), self.config_yaml.splitlines(), lineterm="",
                                                            n=0) if l[:1] in "+-" and l[:3] not in ("+++", "---")]
-                log.warning("config differs from the run being resumed: %s", "; ".join(changes))
+                # train.max_steps only moves the stopping point (the schedule follows train.epochs): not a warning
+                only_stop = all(l[1:].strip().startswith("max_steps:") for l in changes)
+                (log.info if only_stop else log.warning)("config differs from the run being resumed: %s",
+                                                         "; ".join(changes))
         path.write_text(self.config_yaml)
 
     # ------------------------------------------------------------------------------------ the loop
@@ -449,7 +452,8 @@ class Trainer:
                             "method_extra": self._method_extra_state()},
             trainer_state={"step": self.step, "loader": self.loader.state_dict(), "seed": self.cfg.train.seed,
                            "world_size": self.world, "global_batch": self.cfg.train.batch_size * self.world,
-                           "skipped_steps": self.skipped_steps},
+                           "skipped_steps": self.skipped_steps, "total_steps": self.total_steps,
+                           "stop_step": self.stop_step},
             config_yaml=self.config_yaml, ema_state=ema_state, keep_last=self.cfg.train.keep_last)
 
 
