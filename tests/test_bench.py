@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from maskgen.bench.cifar10 import _training_summary
+from maskgen.bench.cifar10 import training_summary
 from maskgen.bench.plan import METHODS, QUICK, images_for_budget, parse_methods
 from maskgen.bench.record import Record
 from maskgen.bench.report import BEGIN, END, markdown, publish
@@ -153,12 +153,12 @@ def test_record_keeps_finished_stages_and_runs_missing_ones(tmp_path):
         Record(tmp_path / "bad.json", "bad")
 
 
-def test_training_summary_counts_time_from_the_logged_speeds(tmp_path):
+def testtraining_summary_counts_time_from_the_logged_speeds(tmp_path):
     lines = [{"step": 10, "loss": 4.0, "img_per_s": 100.0}, {"step": 20, "loss": 3.0, "img_per_s": 200.0},
              {"step": 20, "loss": 2.5, "img_per_s": 160.0},  # logged again after a resume: the last one counts
              {"step": 30, "loss": 2.0, "img_per_s": 80.0}, {"step": 30, "eval": 1.0}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
-    s = _training_summary(tmp_path, batch=16, views=2)
+    s = training_summary(tmp_path, batch=16, views=2)
     # 10 steps x 16 images at 100, 160 and 80 img/s
     assert s["train_seconds"] == pytest.approx(160 / 100 + 160 / 160 + 160 / 80, abs=0.05)
     assert s["steps"] == 30 and s["images"] == 30 * 16 * 2

@@ -97,3 +97,25 @@ def test_umd_throughput_tiny(tmp_path):
     assert all(r["img/s"] > 0 for r in rows)
     # guidance doubles the network's batch, more steps mean more calls: both cost time
     assert samples[(4, 1.5)]["s/call"] > samples[(2, 1.0)]["s/call"]
+
+
+def test_recipe_levers_tiny_trains_each_lever_once_and_scores_both_poolings(tmp_path):
+    out, result = tmp_path / "levers", tmp_path / "levers.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "recipe_levers.py"), "--method", "mae", "--preset", "mae-tiny",
+           "--images", "64", "--common", "log.every=2", "--lever", "base=", "--lever", "mask0.5=mae.mask_ratio=0.5",
+           "--pools", "cls", "mean", "--eval-train", "100", "--eval-test", "50", "--out", str(out), "--json",
+           str(result)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(result.read_text())
+    assert [(r["lever"], r["pool"]) for r in data["rows"]] == [("base", "cls"), ("base", "mean"),
+                                                                ("mask0.5", "cls"), ("mask0.5", "mean")]
+    runs = data["runs"]
+    assert runs["mask0.5"]["overrides"] == ["mae.mask_ratio=0.5"] and "mae.mask_ratio=0.5" in runs["mask0.5"]["command"]
+    assert runs["base"]["images"] == 64 and runs["base"]["scores"]["cls"]["num_train"] == 100
+    assert (out / "mask0.5" / "config.yaml").read_text().count("mask_ratio: 0.5") == 1
+    # a second call trains nothing again: the recorded levers are read back
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "method mae:" not in proc.stderr
+    assert json.loads(result.read_text())["runs"] == runs

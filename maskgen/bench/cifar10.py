@@ -125,7 +125,7 @@ class Bench:
                      command=_train_command("tokenizer", preset, run_dir, overrides))
         rec.stage("train", lambda: self._train(TOKENIZER.method, preset, overrides, run_dir))
         batch = api.build_config(TOKENIZER.method, preset, overrides).train.batch_size
-        rec.stage("training", lambda: _training_summary(run_dir, batch, 1))
+        rec.stage("training", lambda: training_summary(run_dir, batch, 1))
         if self.p.token_views:
             rec.stage("token cache", lambda: self._token_cache(run_dir))
         rec.stage("eval", lambda: self._scores(load_encoder(run_dir, image_size=32), final=True))
@@ -180,11 +180,8 @@ class Bench:
         if self.p.train_limit:
             o.append(f"data.limit={self.p.train_limit}")
         if images is not None:
-            o.append(f"train.epochs={images / (self._train_size() * spec.views):.6g}")
+            o.append(epochs_override(images, api.build_config(spec.method, self._preset(spec), o), spec.views))
         return o
-
-    def _train_size(self) -> int:
-        return self.p.train_limit or TRAIN_IMAGES
 
     def _method(self, spec: MethodSpec, tokenizer: Path | None, images: int) -> None:
         run_dir = self.out / spec.name
@@ -200,7 +197,7 @@ class Bench:
         for k in range(1, points + 1):
             stop = round(steps * k / points) if k < points else 0
             rec.stage(f"checkpoint {k}/{points}", lambda: self._segment(spec, preset, overrides, run_dir, stop, per_step))
-        rec.stage("training", lambda: _training_summary(run_dir, cfg.train.batch_size, spec.views))
+        rec.stage("training", lambda: training_summary(run_dir, cfg.train.batch_size, spec.views))
         rec.stage("eval", lambda: self._scores(load_encoder(run_dir), final=True))
         model = load_encoder(run_dir)
         self._baseline(f"untrained-{spec.arch}", f"{spec.label} architecture untrained (seed 0)",
@@ -237,7 +234,13 @@ class Bench:
         return {"step": info["step"], "total_steps": info.get("total_steps")}
 
 
-def _training_summary(run_dir: Path, batch: int, views: int) -> dict:
+def epochs_override(images: int, cfg, views: int = 1) -> str:
+    """`train.epochs=E` so that a run of config `cfg` sees `images` encoder inputs: E epochs of its training set
+    (`data.limit` images, else CIFAR-10's 50,000), `views` inputs per image."""
+    return f"train.epochs={images / ((cfg.data.limit or TRAIN_IMAGES) * views):.6g}"
+
+
+def training_summary(run_dir: Path, batch: int, views: int) -> dict:
     """Steps, images seen (encoder inputs), training time (from the logged speeds: restarts and evaluations left
     out), median speed (encoder inputs per second), the loss curve (at most 200 points) and where it ran."""
     seen = {}
