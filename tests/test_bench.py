@@ -8,7 +8,8 @@ import time
 import pytest
 from PIL import Image
 
-from maskgen.bench.cifar10 import training_summary
+from maskgen.bench import cifar10
+from maskgen.bench.cifar10 import Bench, training_summary
 from maskgen.bench.plan import METHODS, QUICK, images_for_budget, parse_methods
 from maskgen.bench.record import Record
 from maskgen.bench.report import BEGIN, END, markdown, publish
@@ -166,6 +167,24 @@ def testtraining_summary_counts_time_from_the_logged_speeds(tmp_path):
     assert s["loss_curve"] == [[10, 4.0], [20, 2.5], [30, 2.0]]
 
 
+def test_a_training_stopped_by_a_signal_ends_the_bench_resumably(tmp_path, monkeypatch):
+    """The trainer saves and returns when SIGINT / SIGTERM stops it: the bench must not score that checkpoint as the
+    end of its segment, but stop (and continue on the next call)."""
+    from maskgen.weights import CONFIG_FILE, STATE_FILE, TRAINER_FILE, WEIGHTS_FILE
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000005"
+    ckpt.mkdir(parents=True)
+    for f in (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE):
+        (ckpt / f).write_text("")
+    monkeypatch.setattr(cifar10.api, "train", lambda *a, **k: tmp_path / "run")
+    bench = Bench(tmp_path / "out", ["mae"], QUICK, 1.0, None, "cpu", False)
+    (ckpt / TRAINER_FILE).write_text(json.dumps({"step": 5, "stop_step": 10, "total_steps": 20}))
+    with pytest.raises(KeyboardInterrupt):
+        bench._train("mae", "mae-tiny", [], tmp_path / "run")
+    (ckpt / TRAINER_FILE).write_text(json.dumps({"step": 5, "stop_step": 5, "total_steps": 20}))
+    assert bench._train("mae", "mae-tiny", [], tmp_path / "run") == {"step": 5, "total_steps": 20}
+
+
 def _fake_results():
     def ev(knn, probe, ten):
         return {"pool": "mean", "knn": knn, "probe": probe, "fewshot": {"10": {"mean": ten, "std": 1.0}}}
@@ -184,7 +203,9 @@ def _fake_results():
 
 
 def test_markdown_names_the_winner_and_its_margins():
-    md = markdown(_fake_results(), [])
+    results = {"plan": {"methods": ["mage", "mae", "mrmae", "umd"], "stages": {}}, **_fake_results()}
+    md = markdown(results, [])
+    assert "Not finished yet (the table holds what is): MR-MAE." in md
     assert "- linear probe: **UMD** 49.7, +0.9 against MAE, +12.8 against the best baseline (pixels)" in md
     assert "- kNN: **UMD** 36.2, +0.6 against MAGE, -0.1 against the best baseline (pixels)" in md
     assert "**MAGE** 100.8, UMD 140.3" in md

@@ -22,6 +22,7 @@ import torch
 
 from .. import api
 from ..data.token_cache import cache_tokens
+from ..engine.logger import setup_logging
 from ..errors import MaskgenError, RunError, UserError
 from ..eval.features import load_encoder
 from ..machine import describe
@@ -42,6 +43,7 @@ def run_bench(out: str | Path = "runs/bench-cifar10", methods: list[str] | None 
     """Train and evaluate `methods` (default: all) on CIFAR-10 into `out`; returns the rendered table (OUT/bench.md).
     `images` per method, else derived from `budget_hours` (the slowest method's measured speed here); `quick`: tiny
     presets, budget and evaluation (minutes: what the tests run)."""
+    setup_logging()  # the stage lines ("bench: mage: eval") before the first training configures it
     if budget_hours <= 0:
         raise UserError(f"--budget-hours must be > 0, got {budget_hours}")
     if images is not None and images < 1:

@@ -149,6 +149,10 @@ def markdown(results: dict[str, dict], images: list[Path], link: str = "plots") 
     lines += [f"Machine: {m}." for m in machines]
     if machine:
         lines.append(f"Started {machine['date']}{' (--quick)' if protocol.get('quick') else ''}.")
+    pending = [METHODS[m].label for m in plan.get("methods", []) if m in METHODS and
+               not any(r["name"] == m for r in rows)]
+    if pending:
+        lines.append(f"Not finished yet (the table holds what is): {', '.join(pending)}.")
     lines += ["", *_table(rows), "", *_winners(rows), ""]
     lines.append(f"kNN k = 20, T = 0.07; linear probe SGD {protocol.get('probe_epochs')} epochs on centre-crop features;"
                  f" few-shot ridge (l2 1024), seeds {protocol.get('seeds')}; fit on "
