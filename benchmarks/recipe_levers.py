@@ -55,11 +55,11 @@ def main() -> None:
     for name, overrides in args.lever:
         run_dir = args.out / name
         o = [*args.common.split(), "vis.every=0", "train.keep_last=1", *overrides]
-        o.append(epochs_override(args.images, api.build_config(args.method, args.preset, o), args.views))
+        cfg = api.build_config(args.method, args.preset, o)  # the batch size does not depend on the epochs
+        o.append(epochs_override(args.images, cfg, args.views))
 
         def run():
             api.train(args.method, args.preset, o, run_dir=run_dir, resume="auto")
-            cfg = api.build_config(args.method, args.preset, o)
             summary = training_summary(run_dir, cfg.train.batch_size, args.views)
             model = load_encoder(run_dir)
             scores = {}

@@ -149,6 +149,11 @@ def test_record_keeps_finished_stages_and_runs_missing_ones(tmp_path):
     again.stage("b", lambda: calls.append("b") or {"y": 3})
     assert calls == ["a", "b"]
     assert set(json.loads((tmp_path / "m.json").read_text())["stages"]) == {"a", "b"}
+    # fields of the file that this run does not set are kept (the plan's list of methods grows across calls)
+    again.data["methods"] = ["mage"]
+    again.save()
+    third = Record(tmp_path / "m.json", "m", kind="baseline")
+    assert third.data["methods"] == ["mage"] and third.data["kind"] == "baseline" and set(third.data["stages"]) == {"a", "b"}
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="delete it"):
         Record(tmp_path / "bad.json", "bad")

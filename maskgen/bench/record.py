@@ -15,20 +15,18 @@ log = logging.getLogger("maskgen")
 
 
 class Record:
-    """`path` (NAME.json): {"name", **header, "stages": {stage: result}}. `header` fields are set on every run."""
+    """`path` (NAME.json): {"name", **header, "stages": {stage: result}}. A file already there is read back whole;
+    `header` fields are set over it on every run."""
 
     def __init__(self, path: Path, name: str, **header):
         self.path = path
-        self.data = {"name": name, **header, "stages": {}}
+        old = {}
         if path.is_file():
             try:
                 old = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 raise UserError(f"{path} is not a readable benchmark result ({e}): delete it to redo that part") from None
-            self.data["stages"] = old.get("stages", {})
-
-    def done(self, stage: str) -> bool:
-        return stage in self.data["stages"]
+        self.data = {"stages": {}, **old, "name": name, **header}
 
     def get(self, stage: str):
         return self.data["stages"].get(stage)
